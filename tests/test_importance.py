@@ -1,0 +1,213 @@
+"""ConnectImportance: Taylor equivalence, connectivity effect, Torch-Pruning integration, errors."""
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torch_pruning as tp
+
+import connect_tp.importance as importance_module
+from connect_tp import ConnectImportance
+from connect_tp.models import resnet20
+
+
+class GroupedNet(nn.Module):
+    """Small CNN with a grouped and a depthwise convolution, BN, and a linear head."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1, groups=2)
+        self.dw = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.conv3 = nn.Conv2d(8, 12, 1)
+        self.fc = nn.Linear(12, 5)
+
+    def forward(self, x):
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = F.relu(self.dw(self.conv2(x)))
+        return self.fc(self.conv3(x).mean((2, 3)))
+
+
+def backward_on_random_batch(model, shape, classes, seed=0):
+    torch.manual_seed(seed)
+    model.zero_grad()
+    F.cross_entropy(model(torch.randn(*shape)), torch.randint(0, classes, (shape[0],))).backward()
+
+
+@pytest.mark.parametrize("make_model,shape,classes", [
+    (lambda: resnet20(num_classes=10), (4, 3, 32, 32), 10),
+    (GroupedNet, (4, 3, 16, 16), 5),
+])
+@pytest.mark.parametrize("reduction,normalizer,bias", [("mean", "mean", False), ("sum", None, True), ("max", "max", False)])
+def test_lam_zero_equals_group_taylor(make_model, shape, classes, reduction, normalizer, bias):
+    torch.manual_seed(1)
+    model = make_model()
+    backward_on_random_batch(model, shape, classes)
+    graph = tp.DependencyGraph().build_dependency(model, example_inputs=torch.randn(1, *shape[1:]))
+    taylor = tp.importance.GroupTaylorImportance(group_reduction=reduction, normalizer=normalizer, bias=bias)
+    connect = ConnectImportance(lam=0.0, group_reduction=reduction, normalizer=normalizer, bias=bias,
+                                example_inputs=torch.randn(1, *shape[1:]))
+    groups = list(graph.get_all_groups())
+    assert len(groups) > 3
+    for group in groups:
+        expected, got = taylor(group), connect(group)
+        assert (expected is None) == (got is None)
+        if expected is not None:
+            torch.testing.assert_close(got, expected, rtol=1e-6, atol=0)
+
+
+def test_connectivity_term_is_never_written_to_grad():
+    model = resnet20(num_classes=10)
+    backward_on_random_batch(model, (4, 3, 32, 32), 10)
+    before = {n: p.grad.clone() for n, p in model.named_parameters()}
+    graph = tp.DependencyGraph().build_dependency(model, example_inputs=torch.randn(1, 3, 32, 32))
+    imp = ConnectImportance(lam=1.0, example_inputs=torch.randn(1, 3, 32, 32))
+    for group in graph.get_all_groups():
+        imp(group)
+    for n, p in model.named_parameters():
+        assert torch.equal(p.grad, before[n]), n
+
+
+def dead_path_network():
+    """Hidden channel 0 carries the network's only input-output path but is dead on the data.
+
+    Channels 1 and 2 have no input weights (their constant output comes from their bias) yet a
+    large loss gradient, so Taylor ranks them above channel 0, whose ReLU never fires on the
+    negative calibration inputs: its Taylor score is exactly 0.
+    """
+    model = nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 1))
+    with torch.no_grad():
+        model[0].weight.copy_(torch.tensor([[3.0, 3.0], [0.0, 0.0], [0.0, 0.0]]))
+        model[0].bias.copy_(torch.tensor([0.0, 0.5, 0.4]))
+        model[2].weight.copy_(torch.tensor([[2.0, 0.3, 0.2]]))
+        model[2].bias.zero_()
+    return model
+
+
+def pruned_hidden_rows(importance):
+    model = dead_path_network()
+    x = -torch.rand(32, 2) - 1.0  # channel 0's pre-activation is negative on every sample
+    pruner = tp.pruner.MetaPruner(model, torch.rand(1, 2), importance=importance,
+                                  pruning_ratio=1 / 3, ignored_layers=[model[2]])
+    model.zero_grad()
+    F.mse_loss(model(x), torch.full((32, 1), 3.0)).backward()
+    pruner.step()
+    assert model[0].out_features == 2
+    return model[0].weight.detach()
+
+
+def test_connect_keeps_the_only_path_that_taylor_prunes():
+    taylor_rows = pruned_hidden_rows(tp.importance.GroupTaylorImportance())
+    connect_rows = pruned_hidden_rows(ConnectImportance(lam=1.0))
+    # Taylor removed the path channel: no remaining hidden unit sees the input any more.
+    assert taylor_rows.abs().sum() == 0
+    # CoNNect kept it.
+    assert torch.equal(connect_rows[0], torch.tensor([3.0, 3.0]))
+
+
+def prune_to_speed_up(model, example, importance, target, steps=20, classes=10, **kwargs):
+    base_macs, _ = tp.utils.count_ops_and_params(model, example)
+    pruner = tp.pruner.MetaPruner(model, example, importance=importance, iterative_steps=steps, **kwargs)
+    speed_up = 1.0
+    for _ in range(steps):
+        backward_on_random_batch(model, (8,) + tuple(example.shape[1:]), classes)
+        pruner.step()
+        macs, _ = tp.utils.count_ops_and_params(model, example)
+        speed_up = base_macs / macs
+        if speed_up >= target:
+            break
+    return speed_up
+
+
+def test_readme_loop_without_arguments():
+    # Torch-Pruning's README loop: the importance is built first and never given the input.
+    model = resnet20(num_classes=10)
+    example = torch.randn(1, 3, 32, 32)
+    imp = ConnectImportance()
+    pruner = tp.pruner.MetaPruner(model, example, importance=imp, pruning_ratio=0.5,
+                                  iterative_steps=2, ignored_layers=[model.fc])
+    for _ in range(2):
+        if isinstance(imp, tp.importance.GroupTaylorImportance):
+            model(example).sum().backward()
+        pruner.step()
+    assert model.conv1.out_channels == 8
+    assert model(example).shape == (1, 10)
+    assert imp.last_log_connectivity is not None
+
+
+def test_connectivity_is_measured_once_per_step(monkeypatch):
+    calls = []
+    real = importance_module.log_connectivity_and_dtype
+    monkeypatch.setattr(importance_module, "log_connectivity_and_dtype",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
+    model = resnet20(num_classes=10)
+    example = torch.randn(1, 3, 32, 32)
+    pruner = tp.pruner.MetaPruner(model, example, importance=ConnectImportance(lam=1e-3, example_inputs=example),
+                                  pruning_ratio=0.5, iterative_steps=3, ignored_layers=[model.fc])
+    for step in range(3):
+        backward_on_random_batch(model, (4, 3, 32, 32), 10)
+        pruner.step()
+        assert len(calls) == step + 1
+
+
+def test_data_free_mode_warns_once_and_prunes():
+    model = resnet20(num_classes=10)
+    example = torch.randn(1, 3, 32, 32)
+    imp = ConnectImportance(lam=1.0, example_inputs=example)
+    pruner = tp.pruner.MetaPruner(model, example, importance=imp, pruning_ratio=0.5,
+                                  iterative_steps=2, ignored_layers=[model.fc])
+    with pytest.warns(UserWarning, match="data-free"):
+        pruner.step()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pruner.step()
+    assert model.conv1.out_channels == 8
+
+
+def test_lam_zero_without_gradients_is_an_error():
+    model = resnet20(num_classes=10)
+    example = torch.randn(1, 3, 32, 32)
+    pruner = tp.pruner.MetaPruner(model, example, importance=ConnectImportance(lam=0.0),
+                                  pruning_ratio=0.5, ignored_layers=[model.fc])
+    with pytest.raises(RuntimeError, match="loss.backward"):
+        pruner.step()
+
+
+def test_unknown_input_shape_is_an_error():
+    model = resnet20(num_classes=10)
+    graph = tp.DependencyGraph().build_dependency(model, example_inputs=torch.randn(1, 3, 32, 32))
+    backward_on_random_batch(model, (2, 3, 32, 32), 10)
+    imp = ConnectImportance()  # built after every forward pass: it never saw the model's input
+    group = next(iter(graph.get_all_groups()))
+    with pytest.raises(ValueError, match="example_inputs="):
+        imp(group)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"lam": -1.0}, "lam"),
+    ({"lam": float("nan")}, "lam"),
+    ({"lam": float("inf")}, "lam"),
+    ({"lam": "big"}, "lam"),
+    ({"n_samples": 0}, "n_samples"),
+    ({"n_samples": 2.5}, "n_samples"),
+    ({"group_reduction": "median"}, "group_reduction"),
+    ({"normalizer": "l2"}, "normalizer"),
+])
+def test_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        ConnectImportance(**kwargs)
+
+
+def test_batchnorm_option_scores_bn_affine():
+    model = GroupedNet()  # conv1's group holds exactly one BatchNorm, bn1
+    backward_on_random_batch(model, (4, 3, 16, 16), 5)
+    graph = tp.DependencyGraph().build_dependency(model, example_inputs=torch.randn(1, 3, 16, 16))
+    group = graph.get_pruning_group(model.conv1, tp.prune_conv_out_channels, idxs=list(range(8)))
+    off = ConnectImportance(lam=0.0, normalizer=None, group_reduction="sum")(group)
+    on = ConnectImportance(lam=0.0, normalizer=None, group_reduction="sum", batchnorm=True)(group)
+    bn = model.bn1
+    expected_extra = (bn.weight * bn.weight.grad).abs()
+    assert torch.all(on > off)
+    torch.testing.assert_close(on - off, expected_extra.detach(), rtol=1e-4, atol=1e-7)
