@@ -10,11 +10,37 @@ Example:
 from . import models
 from .connectivity import ConnectivityError, connectivity_inputs, log_connectivity
 from .importance import DEFAULT_LAMBDA, ConnectImportance
+from .regularizer import (
+    ChannelScaler,
+    ChannelScalerPruner,
+    ConnectPruner,
+    ConnectRegularizer,
+    UnsupportedModuleError,
+    add_channel_scalers,
+    channel_connectivity_importance,
+)
+from .sparsity import direct_sparsity, effective_sparsity, is_layer_collapsed, sparsity_report
+from .unstructured import layerwise_masks, magnitude_scores, snip_scores, synflow_scores
 
 __all__ = [
     "ConnectImportance",
     "DEFAULT_LAMBDA",
     "ConnectivityError",
+    "ConnectRegularizer",
+    "ConnectPruner",
+    "ChannelScaler",
+    "ChannelScalerPruner",
+    "UnsupportedModuleError",
+    "add_channel_scalers",
+    "channel_connectivity_importance",
+    "direct_sparsity",
+    "effective_sparsity",
+    "is_layer_collapsed",
+    "sparsity_report",
+    "layerwise_masks",
+    "magnitude_scores",
+    "snip_scores",
+    "synflow_scores",
     "connectivity_inputs",
     "log_connectivity",
     "models",

@@ -1,0 +1,156 @@
+"""Cost of ConnectImportance over GroupTaylorImportance in one Torch-Pruning step.
+
+For ResNet-56 (CIFAR-10 shape) this times one ``pruner.step()`` of the paper's protocol (global
+pruning, pruning_ratio 1.0, 400 iterative steps) with each importance on the same model and the
+same loss gradients, and prints the ratio of the medians. The timed step is a steady-state one:
+each pruner has already taken one step, as in the 400-step loop where only the first step pays
+for warm-up. It also times a whole pruning iteration (the loss backward on one calibration batch,
+then the step), which is what a pruning run actually spends per step. Peak memory of each step is measured in a fresh subprocess (on CPU the
+peak of live tensor memory replayed from torch.profiler's allocation records; ``torch.cuda.max_memory_allocated`` on CUDA).
+
+Usage:
+    python -m benchmarks.importance_overhead [--repeats 7] [--n-samples 4] [--device cpu]
+
+Target: time ratio <= 1.15 with the default ``n_samples``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+import torch_pruning as tp
+
+from connect_tp import ConnectImportance
+from connect_tp.models import resnet56
+
+CALIBRATION = 128  # calibration images per pruning step (one batch of the paper's protocol)
+RESULTS = os.path.join(os.path.dirname(__file__), "results", "importance_overhead.json")
+
+
+def make_importance(name: str, n_samples: int):
+    if name == "taylor":
+        return tp.importance.GroupTaylorImportance()
+    return ConnectImportance(n_samples=n_samples)
+
+
+def prepared_pruner(name: str, n_samples: int, device: str):
+    """A ResNet-56 pruner one step into the 400-step protocol, with fresh loss gradients."""
+    torch.manual_seed(0)
+    model = resnet56(num_classes=10).to(device)
+    example = torch.rand(1, 3, 32, 32, device=device)
+    generator = torch.Generator().manual_seed(1)
+    x = torch.rand(CALIBRATION, 3, 32, 32, generator=generator).to(device)
+    y = torch.randint(0, 10, (CALIBRATION,), generator=generator).to(device)
+    pruner = tp.pruner.MetaPruner(model, example, importance=make_importance(name, n_samples),
+                                  global_pruning=True, pruning_ratio=1.0, iterative_steps=400,
+                                  ignored_layers=[model.fc])
+
+    def backward():
+        model.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+
+    backward()
+    pruner.step()  # warm-up step: the timed one is a steady-state step
+    backward()
+    return pruner, backward
+
+
+def timed_step(name: str, n_samples: int, device: str) -> tuple:
+    """Seconds of one pruner.step(), and of one whole pruning iteration (calibration backward + step)."""
+    pruner, backward = prepared_pruner(name, n_samples, device)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    sync()
+    start = time.perf_counter()
+    pruner.step()
+    sync()
+    step = time.perf_counter() - start
+    start = time.perf_counter()
+    backward()
+    pruner.step()
+    sync()
+    return step, time.perf_counter() - start
+
+
+def peak_step_memory(name: str, n_samples: int, device: str) -> int:
+    """Bytes of peak tensor memory the step adds (call it in a fresh process)."""
+    pruner, _ = prepared_pruner(name, n_samples, device)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        pruner.step()
+        return torch.cuda.max_memory_allocated() - before
+    # CPU: replay the profiler's per-operator allocations (frees are negative) in time order; the
+    # running total's maximum is the step's peak of live tensor memory above its start.
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        pruner.step()
+    live = peak = 0
+    for event in sorted(prof.events(), key=lambda e: e.time_range.start):
+        live += event.self_cpu_memory_usage
+        peak = max(peak, live)
+    return peak
+
+
+def memory_in_subprocess(name: str, n_samples: int, device: str) -> int:
+    out = subprocess.run(
+        [sys.executable, "-m", "benchmarks.importance_overhead", "--memory-child", name,
+         "--n-samples", str(n_samples), "--device", device],
+        check=True, capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(__file__)),
+    )
+    return int(out.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--n-samples", type=int, default=4)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads (1 is steadiest on a busy machine)")
+    parser.add_argument("--memory-child", choices=["taylor", "connect"], help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.memory_child:
+        print(peak_step_memory(args.memory_child, args.n_samples, args.device))
+        return {}
+
+    times = {"taylor": [], "connect": []}
+    iterations = {"taylor": [], "connect": []}
+    for _ in range(args.repeats):  # interleaved, so drifting machine load hits both alike
+        for name in times:
+            step, iteration = timed_step(name, args.n_samples, args.device)
+            times[name].append(step)
+            iterations[name].append(iteration)
+    medians = {name: statistics.median(t) for name, t in times.items()}
+    iteration_medians = {name: statistics.median(t) for name, t in iterations.items()}
+    memory = {name: memory_in_subprocess(name, args.n_samples, args.device) for name in times}
+    result = {
+        "model": "resnet56", "device": args.device, "threads": args.threads, "n_samples": args.n_samples,
+        "repeats": args.repeats, "median_step_s": medians, "peak_step_memory_bytes": memory,
+        "time_ratio": medians["connect"] / medians["taylor"],
+        "median_iteration_s": iteration_medians,
+        "iteration_time_ratio": iteration_medians["connect"] / iteration_medians["taylor"],
+    }
+    print(f"ResNet-56 pruner.step() on {args.device}, median of {args.repeats}, n_samples={args.n_samples}")
+    for name in times:
+        print(f"  {name:8s} {medians[name] * 1e3:8.1f} ms   peak step memory {memory[name] / 2**20:7.1f} MiB")
+    print(f"  time ratio connect / taylor = {result['time_ratio']:.3f}  (target <= 1.15)")
+    print(f"  whole iteration (backward on {CALIBRATION} calibration images + step): "
+          f"taylor {iteration_medians['taylor'] * 1e3:.1f} ms, connect {iteration_medians['connect'] * 1e3:.1f} ms, "
+          f"ratio {result['iteration_time_ratio']:.3f}")
+    os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
+    tmp = RESULTS + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(result, f, indent=2)
+    os.replace(tmp, RESULTS)
+    return result
+
+
+if __name__ == "__main__":
+    main()
