@@ -7,7 +7,7 @@ Example:
     >>> from connect_tp import ConnectImportance
     >>> imp = ConnectImportance()  # where tp.importance.GroupTaylorImportance() would go
 """
-from . import models
+from . import llm, models
 from .connectivity import ConnectivityError, connectivity_inputs, log_connectivity
 from .importance import DEFAULT_LAMBDA, ConnectImportance
 from .regularizer import (
@@ -43,6 +43,7 @@ __all__ = [
     "synflow_scores",
     "connectivity_inputs",
     "log_connectivity",
+    "llm",
     "models",
 ]
 __version__ = "0.1.0"
