@@ -1,0 +1,134 @@
+"""The benchmark stages end to end on the smoke preset (Fashion-MNIST, a few hundred images)."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from benchmarks.cifar_pruning import main
+from connect_tp.data import DEBIAN_FASHION_MNIST_DIR
+from connect_tp.training import load_checkpoint, read_json
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not os.path.isdir(DEBIAN_FASHION_MNIST_DIR),
+                       reason="needs Debian's dataset-fashion-mnist (apt-get install dataset-fashion-mnist)"),
+]
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMOKE = ["--preset", "smoke", "--threads", "1"]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("smoke"))
+    args = SMOKE + ["--out", out, "--methods", "connect", "l2", "--speed-up", "2.5", "8"]
+    assert main(["train"] + args) == 0
+    assert main(["prune"] + args) == 0
+    assert main(["finetune"] + args) == 0
+    return out
+
+
+def _cli(*args):
+    return [sys.executable, "-m", "benchmarks.cifar_pruning", *args]
+
+
+def test_stages_write_complete_results(run_dir):
+    base = read_json(os.path.join(run_dir, "base.json"))
+    assert base["epochs"] == 1 and 0 <= base["acc"] <= 100 and base["macs"] > 40e6
+    for method in ("connect", "l2"):
+        for target in (2.5, 8):
+            r = read_json(os.path.join(run_dir, "results", f"{method}_{target:g}x.json"))
+            assert r["method"] == method and r["speed_up"] >= target
+            assert r["macs"] == pytest.approx(r["base_macs"] / r["speed_up"])
+            assert r["params"] < r["base_params"]
+            assert r["finetuned_acc"] is not None and len(r["finetune_history"]) == 1
+            assert isinstance(r["collapsed_layers"], list) and r["channels"]["fc"] == [r["channels"]["fc"][0], 10]
+            assert os.path.isfile(os.path.join(run_dir, "pruned", f"{method}_{target:g}x.pt"))
+    higher = read_json(os.path.join(run_dir, "results", "l2_8x.json"))
+    lower = read_json(os.path.join(run_dir, "results", "l2_2.5x.json"))
+    assert higher["params"] < lower["params"] and higher["step"] > lower["step"]
+
+
+def test_table_and_plot(run_dir, tmp_path):
+    assert main(["table", "--runs", run_dir, run_dir, "--output", str(tmp_path)]) == 0
+    markdown = (tmp_path / "table.md").read_text()
+    rows = [line for line in markdown.splitlines() if line.startswith("| ") and "x |" in line]
+    assert len(rows) == 4 and any("| connect |" in r for r in rows) and any("| l2 |" in r for r in rows)
+    assert " ± 0.00" in markdown  # the same folder twice: two identical "seeds"
+    assert (tmp_path / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    table = json.loads((tmp_path / "table.json").read_text())
+    assert {r["method"] for r in table["rows"]} == {"connect", "l2"}
+
+
+def test_resume_skips_finished_work(run_dir):
+    result = os.path.join(run_dir, "results", "connect_2.5x.json")
+    before = os.stat(result).st_mtime_ns
+    for stage in ("train", "prune", "finetune"):
+        assert main([stage] + SMOKE + ["--out", run_dir, "--methods", "connect", "l2",
+                                       "--speed-up", "2.5", "8", "--resume"]) == 0
+    assert os.stat(result).st_mtime_ns == before
+
+
+def test_corrupt_checkpoint_names_the_file(run_dir, tmp_path, capsys):
+    broken = tmp_path / "copy"
+    os.makedirs(broken / "results")
+    for name in ("base.json", "results/l2_2.5x.json"):
+        with open(os.path.join(run_dir, name)) as f, open(broken / name, "w") as g:
+            g.write(f.read())
+    os.makedirs(broken / "pruned")
+    (broken / "pruned" / "l2_2.5x.pt").write_bytes(b"garbage")
+    code = main(["finetune"] + SMOKE + ["--out", str(broken), "--methods", "l2", "--speed-up", "2.5"])
+    assert code == 2
+    assert "l2_2.5x.pt" in capsys.readouterr().err
+    code = main(["prune"] + SMOKE + ["--out", str(tmp_path / "empty"), "--methods", "l2"])
+    assert code == 2
+    assert "base.pt is missing" in capsys.readouterr().err
+
+
+def test_killed_finetune_resumes_from_last_epoch(run_dir, tmp_path):
+    out = tmp_path / "kill"
+    os.makedirs(out / "results")
+    os.makedirs(out / "pruned")
+    for name in ("base.json", "results/l2_2.5x.json", "pruned/l2_2.5x.pt"):
+        with open(os.path.join(run_dir, name), "rb") as f:
+            (out / name).write_bytes(f.read())
+    args = ["finetune"] + SMOKE + ["--out", str(out), "--methods", "l2", "--speed-up", "2.5", "--ft-epochs", "10"]
+    ckpt = out / "finetuned" / "l2_2.5x.pt"
+    proc = subprocess.Popen(_cli(*args), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while not (ckpt.exists() and load_checkpoint(str(ckpt))["epoch"] >= 1) and time.time() < deadline:
+            time.sleep(0.2)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    killed_at = load_checkpoint(str(ckpt))["epoch"]
+    assert 1 <= killed_at < 9, "the run must be killed in the middle of fine-tuning"
+    done = subprocess.run(_cli(*args, "--resume"), cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    result = read_json(str(out / "results" / "l2_2.5x.json"))
+    epochs = [h["epoch"] for h in result["finetune_history"]]
+    assert epochs == list(range(10))
+    assert load_checkpoint(str(ckpt))["epoch"] == 9
+    # The epochs before the kill were not run again: their records are the checkpoint's.
+    assert f"{killed_at + 1}/10" in done.stderr
+
+
+def test_torchrun_finetune_with_gloo(run_dir, tmp_path):
+    out = tmp_path / "ddp"
+    os.makedirs(out / "results")
+    os.makedirs(out / "pruned")
+    for name in ("base.json", "results/l2_8x.json", "pruned/l2_8x.pt"):
+        with open(os.path.join(run_dir, name), "rb") as f:
+            (out / name).write_bytes(f.read())
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+           "-m", "benchmarks.cifar_pruning", "finetune"] + SMOKE + ["--out", str(out), "--methods", "l2",
+                                                                      "--speed-up", "8"]
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = read_json(str(out / "results" / "l2_8x.json"))
+    assert result["finetune_world_size"] == 2 and 0 <= result["finetuned_acc"] <= 100

@@ -1,0 +1,107 @@
+"""Progressive pruning to speed-up targets, calibration gradients and layer-collapse detection."""
+import pytest
+import torch
+import torch.nn as nn
+
+from connect_tp.models import resnet20
+from connect_tp.pruning import (PRUNING_METHODS, build_importance, calibration_gradients, count_macs_and_params,
+                                layer_channels, layer_report, progressive_prune, recalibrate_batchnorm)
+
+EXAMPLE = torch.rand(1, 1, 32, 32)
+
+
+def _model(seed=0):
+    torch.manual_seed(seed)
+    model = resnet20(num_classes=10, in_channels=1).eval()
+    with torch.no_grad():  # non-trivial BN statistics, as in a trained model
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+    return model
+
+
+def test_every_method_builds():
+    for method in PRUNING_METHODS:
+        assert build_importance(method, EXAMPLE) is not None
+    with pytest.raises(ValueError, match="unknown pruning method 'l3'"):
+        build_importance("l3")
+
+
+def test_snapshots_reach_targets_and_keep_the_classifier():
+    model = _model()
+    base_macs, _ = count_macs_and_params(model, EXAMPLE)
+    snaps = progressive_prune(model, EXAMPLE, build_importance("l2"), [4.0, 2.0], iterative_steps=40, progress=False)
+    assert [s.target for s in snaps] == [2.0, 4.0]
+    for snap in snaps:
+        assert snap.speed_up >= snap.target
+        assert count_macs_and_params(snap.model, EXAMPLE)[0] == snap.macs == pytest.approx(base_macs / snap.speed_up)
+        assert snap.model.fc.out_features == 10
+    assert snaps[0].step < snaps[1].step
+    # The snapshot is a copy: pruning went on after it was taken.
+    assert layer_channels(snaps[0].model) != layer_channels(model)
+
+
+def test_one_trajectory_equals_separate_runs():
+    """Stopping at 2.5x gives the same model whether or not the run then continues to 5x."""
+    alone = progressive_prune(_model(), EXAMPLE, build_importance("l1"), [2.5], iterative_steps=40, progress=False)[0]
+    shared = progressive_prune(_model(), EXAMPLE, build_importance("l1"), [2.5, 5.0], iterative_steps=40,
+                               progress=False)[0]
+    assert alone.step == shared.step and layer_channels(alone.model) == layer_channels(shared.model)
+    assert torch.allclose(alone.model(EXAMPLE), shared.model(EXAMPLE))
+
+
+def test_gradient_methods_need_calibration_and_unreachable_targets_fail():
+    with pytest.raises(ValueError, match="calibration"):
+        progressive_prune(_model(), EXAMPLE, build_importance("taylor"), [2.0], iterative_steps=10, progress=False)
+    with pytest.raises(ValueError, match="out of reach"):
+        progressive_prune(_model(), EXAMPLE, build_importance("l2"), [1000.0], iterative_steps=10,
+                          max_pruning_ratio=0.3, progress=False)
+
+
+def test_taylor_uses_calibration_gradients():
+    model = _model()
+    batches = [(torch.rand(8, 1, 32, 32), torch.randint(0, 10, (8,))) for _ in range(2)]
+    loss = calibration_gradients(model, batches)
+    with torch.no_grad():
+        expected = sum(nn.functional.cross_entropy(model(x), y, reduction="sum") for x, y in batches) / 16
+    assert loss == pytest.approx(expected.item(), rel=1e-5)
+    assert model.conv1.weight.grad is not None and model.conv1.weight.grad.abs().sum() > 0
+    snaps = progressive_prune(model, EXAMPLE, build_importance("taylor"), [1.5], calibration=batches,
+                              iterative_steps=20, progress=False)
+    assert snaps[0].speed_up >= 1.5
+
+
+def test_layer_report_flags_a_layer_with_no_path():
+    model = _model()
+    report = layer_report(model, EXAMPLE)
+    assert report["collapsed_layers"] == [] and not report["network_disconnected"]
+    assert report["channels"]["layer2.0.conv1"] == [16, 32]
+    with torch.no_grad():
+        model.layer2[1].bn1.weight.zero_()  # every channel of the residual branch scaled to zero
+        model.layer3[0].conv1.weight[:3].zero_()  # three dead channels in another layer
+    report = layer_report(model, EXAMPLE)
+    # No signal enters layer2.1.conv2, and layer2.1.conv1 has no path onwards: both collapse.
+    assert set(report["collapsed_layers"]) == {"layer2.1.conv1", "layer2.1.conv2"}
+    assert report["dead_channels"]["layer3.0.conv1"] == 3
+    assert not report["network_disconnected"]  # the skip connection still carries the signal
+
+
+def test_cutting_the_only_path_disconnects_the_network():
+    model = _model()
+    with torch.no_grad():
+        model.bn1.weight.zero_()  # the stem feeds every path
+    report = layer_report(model, EXAMPLE)
+    assert report["network_disconnected"] and "fc" in report["collapsed_layers"]
+
+
+def test_bn_recalibration_changes_only_statistics():
+    model = _model()
+    batches = [(torch.rand(16, 1, 32, 32), torch.zeros(16, dtype=torch.long))]
+    recal = recalibrate_batchnorm(model, batches)
+    assert torch.equal(recal.conv1.weight, model.conv1.weight)
+    with torch.no_grad():
+        stem = recal.conv1(batches[0][0])
+    assert torch.allclose(recal.bn1.running_mean, stem.mean((0, 2, 3)), atol=1e-5)
+    assert not torch.allclose(recal.bn1.running_mean, model.bn1.running_mean)
+    assert not recal.training
