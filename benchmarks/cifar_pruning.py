@@ -52,7 +52,7 @@ _PAPER_COMMON = dict(
 PRESETS: Dict[str, Dict[str, Any]] = {
     "paper-resnet56": dict(_PAPER_COMMON, dataset="cifar10", model="resnet56", speed_ups=[2.5, 16.0]),
     "paper-vgg19": dict(_PAPER_COMMON, dataset="cifar100", model="vgg19_bn", speed_ups=[8.0, 16.0]),
-    # Sized for a 2-core CPU: ~7 minutes per seed (see docs/cifar_pruning.md for measured times).
+    # Sized for a 2-core CPU: about 6 minutes per seed (README, "Offline results").
     "offline": dict(
         dataset="fashion_mnist", model="resnet20", train_subset=10000, test_subset=2000, batch_size=128,
         base_epochs=4, base_lr=0.05, base_milestones=[2, 3],
