@@ -246,6 +246,8 @@ def _prune_method(ctx: _Context, method: str, base_model, base: Dict[str, Any], 
             "dead_channels": report["dead_channels"], "network_disconnected": report["network_disconnected"],
             "signal_flow": report["signal_flow"],
         }
+        if method == "connect":
+            result["connect_lam"] = importance.lam  # the lambda actually used (the default may change)
         save_model_checkpoint(paths["pruned"], pruned.cpu(), ctx.arch, speed_up=snap.speed_up)
         atomic_write_json(result, paths["result"])
         results.append(result)
