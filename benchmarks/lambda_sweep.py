@@ -103,9 +103,9 @@ def write_table(args):
         cells = []
         for t in args.targets:
             at = [res for res in results if res["target"] == t]
-            mean = lambda key: sum(res[key] for res in at) / len(at)  # noqa: E731
-            cells.append(f"{mean('acc'):.1f} / {mean('acc_bn_recalibrated'):.1f} / {mean('acc_finetuned'):.1f}"
-                         if at else "-")
+            means = [sum(res[key] for res in at) / len(at) if at else float("nan")
+                     for key in ("acc", "acc_bn_recalibrated", "acc_finetuned")]
+            cells.append(" / ".join(f"{m:.1f}" for m in means) if at else "-")
         lines.append(f"| {lam:g}{' (Taylor)' if lam == 0 else ''} | " + " | ".join(cells) + " |")
     table = "\n".join(lines) + "\n"
     atomic_write(os.path.join(OUT, "results.md"), lambda f: f.write(table))
