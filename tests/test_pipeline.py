@@ -2,6 +2,7 @@
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -117,6 +118,13 @@ def test_killed_finetune_resumes_from_last_epoch(run_dir, tmp_path):
     assert f"{killed_at + 1}/10" in done.stderr
 
 
+def free_port() -> int:
+    """A TCP port nothing listens on now (so parallel CI jobs do not collide on a fixed one)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def test_torchrun_finetune_with_gloo(run_dir, tmp_path):
     out = tmp_path / "ddp"
     os.makedirs(out / "results")
@@ -124,7 +132,7 @@ def test_torchrun_finetune_with_gloo(run_dir, tmp_path):
     for name in ("base.json", "results/l2_8x.json", "pruned/l2_8x.pt"):
         with open(os.path.join(run_dir, name), "rb") as f:
             (out / name).write_bytes(f.read())
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
            "-m", "benchmarks.cifar_pruning", "finetune"] + SMOKE + ["--out", str(out), "--methods", "l2",
                                                                       "--speed-up", "8"]
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
