@@ -210,7 +210,8 @@ class ConnectImportance(tp.importance.TaylorImportance):
         self.example_inputs = example_inputs
         self.batchnorm = batchnorm
         self.seed = seed
-        self._recorder = _InputRecorder() if example_inputs is None else None
+        # Only a connectivity term needs the input shape; lam=0 (pure Taylor) never watches forwards.
+        self._recorder = _InputRecorder() if example_inputs is None and self.lam > 0 else None
         self._cache_key: Optional[tuple] = None
         self._connectivity_grads: Dict[int, torch.Tensor] = {}
         self._data_free = False

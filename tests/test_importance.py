@@ -121,11 +121,22 @@ def prune_to_speed_up(model, example, importance, target, steps=20, classes=10, 
     return speed_up
 
 
+def global_forward_hooks():
+    import gc
+
+    from torch.nn.modules import module
+
+    gc.collect()  # importances of earlier tests caught in reference cycles remove their hooks now
+    return len(module._global_forward_pre_hooks) + len(module._global_forward_hooks)
+
+
 def test_readme_loop_without_arguments():
     # Torch-Pruning's README loop: the importance is built first and never given the input.
     model = resnet20(num_classes=10)
     example = torch.randn(1, 3, 32, 32)
+    hooks_before = global_forward_hooks()
     imp = ConnectImportance()
+    assert global_forward_hooks() == hooks_before + 2  # watching for the model's input shape
     pruner = tp.pruner.MetaPruner(model, example, importance=imp, pruning_ratio=0.5,
                                   iterative_steps=2, ignored_layers=[model.fc])
     for _ in range(2):
@@ -135,6 +146,14 @@ def test_readme_loop_without_arguments():
     assert model.conv1.out_channels == 8
     assert model(example).shape == (1, 10)
     assert imp.last_log_connectivity is not None
+    assert global_forward_hooks() == hooks_before  # stopped watching after the first step
+
+
+def test_taylor_mode_installs_no_hooks():
+    hooks_before = global_forward_hooks()
+    imp = ConnectImportance(lam=0.0)
+    assert global_forward_hooks() == hooks_before
+    del imp
 
 
 def test_connectivity_is_measured_once_per_step(monkeypatch):
