@@ -72,7 +72,7 @@ def build_importance(method: str, example_inputs: Optional[torch.Tensor] = None,
     if method == "connect":
         from .importance import ConnectImportance  # imported here: the module is optional for other methods
 
-        kwargs = {"n_samples": 4, "example_inputs": example_inputs}
+        kwargs = {"example_inputs": example_inputs}
         if connect_lam is not None:
             kwargs["lam"] = connect_lam
         return ConnectImportance(**kwargs)

@@ -89,13 +89,18 @@ def test_corrupt_checkpoint_names_the_file(run_dir, tmp_path, capsys):
     assert "base.pt is missing" in capsys.readouterr().err
 
 
-def test_killed_finetune_resumes_from_last_epoch(run_dir, tmp_path):
-    out = tmp_path / "kill"
+def copy_pruned_run(run_dir, out, name):
+    """A fresh run folder holding only the base result and one pruned model, ready to fine-tune."""
     os.makedirs(out / "results")
     os.makedirs(out / "pruned")
-    for name in ("base.json", "results/l2_2.5x.json", "pruned/l2_2.5x.pt"):
-        with open(os.path.join(run_dir, name), "rb") as f:
-            (out / name).write_bytes(f.read())
+    for rel in ("base.json", f"results/{name}.json", f"pruned/{name}.pt"):
+        with open(os.path.join(run_dir, rel), "rb") as f:
+            (out / rel).write_bytes(f.read())
+    return out
+
+
+def test_killed_finetune_resumes_from_last_epoch(run_dir, tmp_path):
+    out = copy_pruned_run(run_dir, tmp_path / "kill", "l2_2.5x")
     args = ["finetune"] + SMOKE + ["--out", str(out), "--methods", "l2", "--speed-up", "2.5", "--ft-epochs", "10"]
     ckpt = out / "finetuned" / "l2_2.5x.pt"
     proc = subprocess.Popen(_cli(*args), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -126,12 +131,7 @@ def free_port() -> int:
 
 
 def test_torchrun_finetune_with_gloo(run_dir, tmp_path):
-    out = tmp_path / "ddp"
-    os.makedirs(out / "results")
-    os.makedirs(out / "pruned")
-    for name in ("base.json", "results/l2_8x.json", "pruned/l2_8x.pt"):
-        with open(os.path.join(run_dir, name), "rb") as f:
-            (out / name).write_bytes(f.read())
+    out = copy_pruned_run(run_dir, tmp_path / "ddp", "l2_8x")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
            "-m", "benchmarks.cifar_pruning", "finetune"] + SMOKE + ["--out", str(out), "--methods", "l2",
                                                                       "--speed-up", "8"]
