@@ -9,7 +9,7 @@ Example:
 """
 from . import llm, models
 from .connectivity import ConnectivityError, connectivity_inputs, log_connectivity
-from .importance import DEFAULT_LAMBDA, ConnectImportance
+from .importance import DEFAULT_BALANCE, DEFAULT_BN_FLOW, ConnectImportance
 from .regularizer import (
     ChannelScaler,
     ChannelScalerPruner,
@@ -24,7 +24,8 @@ from .unstructured import layerwise_masks, magnitude_scores, snip_scores, synflo
 
 __all__ = [
     "ConnectImportance",
-    "DEFAULT_LAMBDA",
+    "DEFAULT_BALANCE",
+    "DEFAULT_BN_FLOW",
     "ConnectivityError",
     "ConnectRegularizer",
     "ConnectPruner",

@@ -29,6 +29,7 @@ import torch.nn as nn
 from torch.func import functional_call
 
 __all__ = [
+    "BN_FLOWS",
     "ConnectivityError",
     "connectivity_inputs",
     "log_connectivity",
@@ -39,6 +40,45 @@ __all__ = [
 
 class ConnectivityError(ValueError):
     """Raised when the connectivity of a network is zero, negative or not finite."""
+
+
+BN_FLOWS = ("stats", "gamma", "identity")
+"""How an eval-mode BatchNorm enters the signal flow (the paper does not say; README, "BatchNorm").
+
+- ``"stats"``: the layer as it runs, ``|gamma| (x - mean) / sqrt(var + eps) + |beta|`` with the
+  real running statistics. A nearly constant channel (tiny running variance) gets a huge flow.
+- ``"gamma"``: ``|gamma| x``, a pure path sum: the BN scale is an edge weight, no shift.
+- ``"identity"``: BatchNorm is skipped, as the paper's appendix B does for the regularizer.
+"""
+
+
+def bn_flow_overrides(model: nn.Module, bn_flow: str,
+                      params: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Parameter and buffer replacements that make every BatchNorm behave as ``bn_flow`` says.
+
+    Returns ``{name: tensor}`` entries for :func:`torch.func.functional_call`; empty for
+    ``"stats"``. The running mean becomes 0 and the running variance ``1 - eps`` (so the
+    normalization divides by exactly 1); ``"gamma"`` also drops ``beta``, ``"identity"`` also
+    replaces ``gamma`` by 1 (the connectivity then has no gradient with respect to ``gamma``).
+    """
+    if bn_flow not in BN_FLOWS:
+        raise ValueError(f"unknown bn_flow {bn_flow!r}; choose one of {BN_FLOWS}")
+    if bn_flow == "stats":
+        return {}
+    overrides: Dict[str, torch.Tensor] = {}
+    for name, m in model.named_modules():
+        if not isinstance(m, nn.modules.batchnorm._BatchNorm) or m.running_mean is None:
+            continue
+        prefix = f"{name}." if name else ""
+        overrides[prefix + "running_mean"] = torch.zeros_like(m.running_mean)
+        overrides[prefix + "running_var"] = torch.full_like(m.running_var, 1.0 - m.eps)
+        if m.affine:
+            overrides[prefix + "bias"] = torch.zeros_like(m.bias)
+            if bn_flow == "identity":
+                overrides[prefix + "weight"] = torch.ones_like(m.weight)
+            else:
+                overrides[prefix + "weight"] = params.get(prefix + "weight", m.weight)
+    return overrides
 
 
 def _vocab_size(model: nn.Module) -> int:
@@ -145,12 +185,13 @@ class _EvalMode:
 
 
 def _measure(model: nn.Module, params: Mapping[str, torch.Tensor], inputs: Any,
-             dtype: Optional[torch.dtype]) -> torch.Tensor:
+             dtype: Optional[torch.dtype], bn_flow: str = "stats") -> torch.Tensor:
     """phi_tot with absolute parameters, optionally with parameters, buffers and inputs cast."""
     abs_params = {name: p.abs() for name, p in params.items()}
+    abs_params.update(bn_flow_overrides(model, bn_flow, abs_params))
     if dtype is not None:
-        abs_params = {name: p.to(dtype) for name, p in abs_params.items()}
-        abs_params.update({name: b.to(dtype) for name, b in model.named_buffers() if b.is_floating_point()})
+        buffers = {name: b for name, b in model.named_buffers() if b.is_floating_point()}
+        abs_params = {name: t.to(dtype) for name, t in {**buffers, **abs_params}.items()}
         inputs = _cast_floats(inputs, dtype)
     with _EvalMode(model):
         return summed_output(_call(model, abs_params, inputs)).mean()
@@ -184,6 +225,7 @@ def log_connectivity(
     seed: Optional[int] = 0,
     params: Optional[Mapping[str, torch.Tensor]] = None,
     dtype: Optional[torch.dtype] = None,
+    bn_flow: str = "stats",
 ) -> torch.Tensor:
     """``log phi_tot`` of ``model`` measured as signal flow with absolute-valued parameters.
 
@@ -205,6 +247,7 @@ def log_connectivity(
             parameters. Gradients of the result flow to these tensors.
         dtype: compute in this precision (parameters, buffers and inputs cast) instead of trying
             the model's own precision first.
+        bn_flow: how BatchNorm layers enter the flow, one of :data:`BN_FLOWS`.
 
     Returns:
         A 0-dim float64 tensor ``log phi_tot``, differentiable with respect to ``params`` when grad
@@ -215,7 +258,7 @@ def log_connectivity(
             negative, or not finite even in float64.
         ValueError: if ``n_samples < 1``.
     """
-    log_phi, _ = log_connectivity_and_dtype(model, example_inputs, n_samples, seed, params, dtype)
+    log_phi, _ = log_connectivity_and_dtype(model, example_inputs, n_samples, seed, params, dtype, bn_flow)
     return log_phi
 
 
@@ -226,6 +269,7 @@ def log_connectivity_and_dtype(
     seed: Optional[int] = 0,
     params: Optional[Mapping[str, torch.Tensor]] = None,
     dtype: Optional[torch.dtype] = None,
+    bn_flow: str = "stats",
 ) -> Tuple[torch.Tensor, Optional[torch.dtype]]:
     """:func:`log_connectivity`, and the precision that measured it (``None``: the model's own).
 
@@ -241,7 +285,7 @@ def log_connectivity_and_dtype(
         generator = torch.Generator().manual_seed(seed)
     inputs = connectivity_inputs(model, example_inputs, n_samples, generator)
     for attempt in ([dtype] if dtype is not None else _fallback_dtypes(params)):
-        phi = _measure(model, params, inputs, attempt)
+        phi = _measure(model, params, inputs, attempt, bn_flow)
         value = phi.item()
         if math.isfinite(value) and value != 0.0:
             break

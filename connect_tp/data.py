@@ -8,15 +8,22 @@ Sources, in the order they are tried:
 
 * CIFAR-10/100: the python-pickle batches of the official archive under ``data_dir``
   (``cifar-10-batches-py/`` or ``cifar-100-python/``, the layout ``torchvision`` downloads to);
-  when missing and ``download=True`` they are fetched through ``torchvision``.
+  when missing or not matching the official checksums and ``download=True``, they are fetched
+  through ``torchvision``.
 * Fashion-MNIST: IDX files (``*-ubyte`` or ``*-ubyte.gz``) under ``data_dir``, ``data_dir/raw``
   or ``data_dir/FashionMNIST/raw`` (torchvision's layout), then Debian's ``dataset-fashion-mnist``
   package (``/usr/share/datasets/fashion-mnist``), then a ``torchvision`` download. The 28x28
   images are zero-padded to 32x32 so that the CIFAR models apply unchanged.
 
-CIFAR files are read here rather than through ``torchvision.datasets.CIFAR10`` so that a local
-copy is accepted without an MD5 check (and small files in CIFAR's format can be tested), and so
-that a damaged file gives an error that names it.
+CIFAR files are python pickles, and unpickling a file can run arbitrary code. So before a CIFAR
+file is unpickled, its MD5 is checked against the official checksum in :data:`CIFAR_MD5` (the
+same ones ``torchvision`` checks), on the very bytes that are then unpickled; a file that does not
+match is refused with an error that names it and says how to get a genuine copy. As a second line
+of defense the bytes are unpickled by :class:`CifarUnpickler`, which only lets through the numpy
+array reconstruction a CIFAR batch needs. The files are read here rather than through
+``torchvision.datasets.CIFAR10`` so that a damaged or planted file gives an error that names it.
+There is no switch to skip the check; tests that write small files in CIFAR's format replace the
+table with the checksums of their own files.
 
 Example:
     >>> from connect_tp.data import load_datasets
@@ -27,19 +34,22 @@ Example:
 """
 from __future__ import annotations
 
+import codecs
 import gzip
+import hashlib
+import io
 import os
 import pickle
 from dataclasses import dataclass
-from typing import Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
 __all__ = [
-    "DatasetInfo", "DATASETS", "DEBIAN_FASHION_MNIST_DIR", "DatasetError",
-    "ImageTensorDataset", "load_datasets", "read_cifar", "read_fashion_mnist", "read_idx",
+    "CIFAR_MD5", "CifarUnpickler", "DatasetInfo", "DATASETS", "DEBIAN_FASHION_MNIST_DIR", "DatasetError",
+    "DatasetIntegrityError", "ImageTensorDataset", "load_datasets", "read_cifar", "read_fashion_mnist", "read_idx",
 ]
 
 DEBIAN_FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
@@ -47,6 +57,14 @@ DEBIAN_FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 
 class DatasetError(FileNotFoundError):
     """A dataset file is missing or unreadable; the message names the file and how to get it."""
+
+
+class DatasetIntegrityError(DatasetError):
+    """A CIFAR file is not the official one (wrong checksum, or a pickle asking for code).
+
+    The file was not unpickled (or its unpickling was stopped before anything ran); the message
+    names the file and how to get a genuine copy.
+    """
 
 
 @dataclass(frozen=True)
@@ -66,6 +84,28 @@ DATASETS = {
     # Statistics of the 28x28 images; the zero padding to 32x32 is normalized like black pixels.
     "fashion_mnist": DatasetInfo("fashion_mnist", 10, 1, (0.2860,), (0.3530,)),
 }
+
+#: Official MD5 checksums of the CIFAR python batches, by dataset and file name (the values
+#: ``torchvision.datasets.CIFAR10/CIFAR100`` check). Every CIFAR file is checked against this table
+#: before it is unpickled; a file without an entry is refused. There is deliberately no option to
+#: skip the check: tests that write small files in CIFAR's format replace the table's entries with
+#: the checksums of their own files (``monkeypatch.setitem(data.CIFAR_MD5, "cifar10", {...})``).
+CIFAR_MD5: Dict[str, Dict[str, str]] = {
+    "cifar10": {
+        "data_batch_1": "c99cafc152244af753f735de768cd75f",
+        "data_batch_2": "d4bba439e000b95fd0a9bffe97cbabec",
+        "data_batch_3": "54ebc095f3ab1f0389bbae665268c751",
+        "data_batch_4": "634d18415352ddfa80567beed471001a",
+        "data_batch_5": "482c414d41f54cd18b22e5b47cb7c3cb",
+        "test_batch": "40351d587109b95175f43aff81a1287e",
+    },
+    "cifar100": {
+        "train": "16019d7e3df5f24257cddd939b257f8d",
+        "test": "f0ef6b0ae62326f3e7ffdfab6717acfc",
+    },
+}
+
+CIFAR_HOMEPAGE = "https://www.cs.toronto.edu/~kriz/cifar.html"
 
 _CIFAR_LAYOUT = {
     # name: (folder, train files, test files, label key)
@@ -131,14 +171,137 @@ class ImageTensorDataset(Dataset):
 # ---------------------------------------------------------------------------------------------
 # CIFAR
 # ---------------------------------------------------------------------------------------------
-def _read_cifar_batch(path: str, label_key: bytes) -> Tuple[np.ndarray, np.ndarray]:
+def _numpy_private(module: str, name: str) -> Any:
+    """``numpy._core.<module>.<name>`` (numpy 2) or ``numpy.core.<module>.<name>`` (numpy 1)."""
+    import importlib
+
+    try:
+        return getattr(importlib.import_module(f"numpy._core.{module}"), name)
+    except (ImportError, AttributeError):
+        return getattr(importlib.import_module(f"numpy.core.{module}"), name)
+
+
+def _latin1_encode(obj: Any, encoding: str = "utf-8", errors: str = "strict") -> bytes:
+    """``_codecs.encode`` limited to what pickle protocol 2 uses for ``bytes``: ``encode(str, 'latin1')``."""
+    # Compared as text: no codec is looked up (and no encodings module imported) for a foreign name.
+    if not isinstance(obj, str) or str(encoding).lower() not in ("latin1", "latin-1") or errors != "strict":
+        raise pickle.UnpicklingError(f"_codecs.encode is only allowed as encode(str, 'latin1'), got encoding {encoding!r}")
+    return codecs.encode(obj, "latin1")
+
+
+def _cifar_globals() -> Dict[Tuple[str, str], Any]:
+    reconstruct = _numpy_private("multiarray", "_reconstruct")
+    scalar = _numpy_private("multiarray", "scalar")
+    frombuffer = _numpy_private("numeric", "_frombuffer")
+    allowed = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype,
+               ("_codecs", "encode"): _latin1_encode}
+    for core in ("numpy.core", "numpy._core"):  # numpy 1 writes numpy.core, numpy 2 numpy._core
+        allowed[(f"{core}.multiarray", "_reconstruct")] = reconstruct
+        allowed[(f"{core}.multiarray", "scalar")] = scalar
+        allowed[(f"{core}.numeric", "_frombuffer")] = frombuffer
+    return allowed
+
+
+class CifarUnpickler(pickle.Unpickler):
+    """A ``pickle.Unpickler`` that only builds what a CIFAR batch is made of.
+
+    A CIFAR batch is a dict of bytes, lists, ints and numpy arrays. Plain containers need no global
+    lookup; of the globals, only the numpy array and dtype reconstruction functions (under their
+    numpy 1 and numpy 2 names) and ``_codecs.encode`` restricted to latin-1 (how protocol 2 stores
+    ``bytes``) are allowed. Any other global (``os.system``, ``builtins.eval``, ``builtins.open``,
+    ...) is refused before it can be called, with a :class:`DatasetIntegrityError` that names the
+    file. This is the second line of defense; the first is the MD5 check of :func:`read_cifar`.
+
+    Args:
+        file: a binary file object with the pickle.
+        path: the file's path, for the error message.
+
+    Example:
+        >>> import io
+        >>> batch = CifarUnpickler(io.BytesIO(pickle.dumps({b"labels": [1, 2]})), "x").load()
+        >>> batch[b"labels"]
+        [1, 2]
+    """
+
+    def __init__(self, file: Any, path: str):
+        super().__init__(file, encoding="bytes")
+        self.path = path
+        self._allowed = _cifar_globals()
+
+    def find_class(self, module: str, name: str) -> Any:
+        """Return an allowed numpy reconstruction function; refuse every other global.
+
+        Raises:
+            DatasetIntegrityError: ``module.name`` is not needed by a CIFAR batch.
+        """
+        try:
+            return self._allowed[(module, name)]
+        except KeyError:
+            raise DatasetIntegrityError(
+                f"CIFAR file {self.path} asks the unpickler for {module}.{name}, which a CIFAR batch never "
+                f"needs (it holds only numpy arrays, lists, ints and bytes); it was refused before it could "
+                f"run. The file is not a genuine CIFAR batch: {_GENUINE_COPY_HINT}") from None
+
+    def persistent_load(self, pid: Any) -> Any:
+        """CIFAR batches have no persistent ids; refuse them like a foreign global."""
+        raise DatasetIntegrityError(
+            f"CIFAR file {self.path} contains a persistent id, which a CIFAR batch never has. The file is "
+            f"not a genuine CIFAR batch: {_GENUINE_COPY_HINT}")
+
+
+_GENUINE_COPY_HINT = (
+    "delete it and get a genuine copy: rerun with --download (fetches the official archive and checks "
+    f"its checksum), or download the python version from {CIFAR_HOMEPAGE}, extract it into a folder and "
+    "pass that folder as --data-dir")
+
+
+# MD5 as torchvision uses it: it compares a file with a fixed official checksum, which needs a second
+# preimage to fool (collisions do not help). ``usedforsecurity=False`` keeps it working on FIPS systems.
+def _md5_of_file(path: str) -> str:
+    digest = hashlib.md5(usedforsecurity=False)
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _expected_md5(name: str, path: str) -> str:
+    expected = CIFAR_MD5.get(name, {}).get(os.path.basename(path))
+    if not expected:
+        raise DatasetIntegrityError(
+            f"CIFAR file {path}: no official checksum is known for it (connect_tp.data.CIFAR_MD5 has no "
+            f"entry for {name}/{os.path.basename(path)}), so it is not unpickled. Restore the table "
+            f"(reinstall connect_tp) and use the official files from {CIFAR_HOMEPAGE}")
+    return expected
+
+
+def _mismatch_error(path: str, actual: str, expected: str) -> DatasetIntegrityError:
+    return DatasetIntegrityError(
+        f"CIFAR file {path} does not match the official copy (MD5 {actual}, expected {expected}), so it "
+        f"was not unpickled: a modified pickle can run code. It is damaged, edited or from elsewhere; "
+        f"{_GENUINE_COPY_HINT}")
+
+
+def _read_cifar_batch(path: str, label_key: bytes, name: str) -> Tuple[np.ndarray, np.ndarray]:
+    """Check the file's MD5, then unpickle the same bytes with :class:`CifarUnpickler`."""
     if not os.path.isfile(path):
         raise DatasetError(f"CIFAR file {path} is missing")
+    expected = _expected_md5(name, path)
     try:
         with open(path, "rb") as f:
-            batch = pickle.load(f, encoding="bytes")
+            raw = f.read()
+    except OSError as exc:
+        raise DatasetError(f"CIFAR file {path} cannot be read ({exc}); check its permissions or get it again") from exc
+    # The checksum is taken of the bytes that are unpickled, so the file cannot change in between.
+    actual = hashlib.md5(raw, usedforsecurity=False).hexdigest()
+    if actual != expected.lower():
+        raise _mismatch_error(path, actual, expected)
+    try:
+        batch = CifarUnpickler(io.BytesIO(raw), path).load()
         data = np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
         labels = np.asarray(batch[label_key], dtype=np.int64)
+    except DatasetError:
+        raise
     except Exception as exc:  # pickle, key and reshape errors all mean the same thing to the user
         raise DatasetError(f"CIFAR file {path} is corrupt or not in CIFAR's python format ({exc!r}); "
                            f"delete it and download the dataset again") from exc
@@ -150,22 +313,36 @@ def _read_cifar_batch(path: str, label_key: bytes) -> Tuple[np.ndarray, np.ndarr
 def read_cifar(name: str, data_dir: str, train: bool, download: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
     """Read CIFAR-10 or CIFAR-100 (fine labels) from its python-pickle batches.
 
+    Every file is checked against its official MD5 (:data:`CIFAR_MD5`) before it is unpickled, and
+    is then unpickled with :class:`CifarUnpickler`, which refuses anything but numpy arrays.
+
     Args:
         name: ``"cifar10"`` or ``"cifar100"``.
         data_dir: folder that contains ``cifar-10-batches-py/`` or ``cifar-100-python/``.
         train: the 50,000 training images, else the 10,000 test images.
-        download: fetch the archive with torchvision when the folder is missing.
+        download: fetch the official archive with torchvision (which checks its checksum) when a
+            file is missing or does not match its official checksum; a non-matching file is
+            deleted first so that the genuine one takes its place.
 
     Returns:
         ``uint8`` images ``(N, 3, 32, 32)`` and ``int64`` labels ``(N,)``.
 
     Raises:
         DatasetError: a file is missing (and could not be downloaded) or corrupt.
+        DatasetIntegrityError: a file does not match the official checksum, or its pickle asks for
+            anything but numpy arrays; it was not run.
     """
     folder, train_files, test_files, label_key = _CIFAR_LAYOUT[name]
     root = os.path.join(data_dir, folder)
     files = [os.path.join(root, f) for f in (train_files if train else test_files)]
     missing = [f for f in files if not os.path.isfile(f)]
+    if download:
+        # Files with the wrong content are removed (a symlink is removed, not its target) so that the
+        # official archive, extracted below, puts genuine ones in their place.
+        for f in files:
+            if f not in missing and _md5_of_file(f) != _expected_md5(name, f).lower():
+                os.remove(f)
+                missing.append(f)
     if missing and download:
         import torchvision  # imported here: only a download needs it
 
@@ -183,7 +360,7 @@ def read_cifar(name: str, data_dir: str, train: bool, download: bool = False) ->
         raise DatasetError(
             f"{name}: {missing[0]} is missing. Run with --download (needs internet), or download "
             f"{url}, extract it into a folder and pass that folder as --data-dir")
-    parts = [_read_cifar_batch(f, label_key) for f in files]
+    parts = [_read_cifar_batch(f, label_key, name) for f in files]
     images = np.concatenate([p[0] for p in parts])
     labels = np.concatenate([p[1] for p in parts])
     return torch.from_numpy(images), torch.from_numpy(labels)

@@ -5,7 +5,14 @@ CoNNect scores each weight with the first-order Taylor importance of the objecti
     J(W) = L(data) - lam * log phi_tot(W),
 
 i.e. ``|W * (dL/dW - lam * d log phi_tot / dW)|``, where ``phi_tot`` is the signal-flow connectivity
-of :mod:`connect_tp.connectivity`. The loss gradient is whatever the user's ``loss.backward()`` left
+of :mod:`connect_tp.connectivity`. ``lam`` is one constant for the whole run. By default it is set
+from a scale-free *balance* ``kappa``: at the first pruning step,
+
+    lam = kappa * sum|W * dL/dW| / sum|W * d log phi_tot / dW|
+
+(both sums over the weights of every convolution and linear layer), so ``kappa = 1`` gives the two
+terms the same Taylor mass whatever the loss reduction, the number of accumulated ``backward()``
+calls or the training state; ``kappa = 0`` is Taylor and ``kappa = inf`` connectivity alone. The loss gradient is whatever the user's ``loss.backward()`` left
 in ``.grad``; the connectivity gradient is computed by the importance itself, once per pruning step,
 and never written into ``.grad``. Scores are reduced to one value per channel of a Torch-Pruning
 group exactly as ``tp.importance.GroupTaylorImportance`` does it.
@@ -35,17 +42,21 @@ import torch.nn as nn
 import torch_pruning as tp
 from torch_pruning.pruner import function
 
-from .connectivity import log_connectivity_and_dtype
+from .connectivity import BN_FLOWS, log_connectivity_and_dtype
 
-__all__ = ["ConnectImportance", "DEFAULT_LAMBDA"]
+__all__ = ["ConnectImportance", "DEFAULT_BALANCE", "DEFAULT_BN_FLOW", "MAX_LAMBDA"]
 
-#: Default weight of the connectivity term, chosen from the sweep in README.md ("Choosing lambda",
-#: ``python -m benchmarks.lambda_sweep`` and the offline preset with ``--connect-lam``): below ~0.1
-#: the term does not change a single Taylor decision on a trained CNN; at 100 it gave the best
-#: accuracy after fine-tuning at 2.5x and 8x in the sweep and 15-19 points over Taylor at 8x and
-#: 16x in the 3-seed offline benchmark. It is large because ``d log phi / dW`` is spread over all
-#: weights, while a trained model's loss gradients are concentrated; the paper uses 1e5 for LLaMA.
-DEFAULT_LAMBDA = 100.0
+#: Default balance kappa of the connectivity term against the loss term (see the module docstring),
+#: chosen by the ranking benchmark (docs/benchmarks.md, "Choosing kappa").
+DEFAULT_BALANCE = 1.0
+
+#: Default treatment of BatchNorm in phi_tot (:data:`connect_tp.connectivity.BN_FLOWS`), chosen by
+#: the same benchmark (docs/benchmarks.md, "BatchNorm in phi_tot").
+DEFAULT_BN_FLOW = "stats"
+
+#: Largest absolute ``lam`` accepted. Far below float32's range for ``lam * d log phi / dW``, and far
+#: above the point where the loss term no longer changes any decision (use ``balance=math.inf``).
+MAX_LAMBDA = 1e12
 
 _REDUCTIONS = ("sum", "mean", "max", "prod", "first", "gate", None)
 _NORMALIZERS = ("sum", "standarization", "mean", "max", "gaussian", "lamp", None)
@@ -76,6 +87,17 @@ class _TensorSpec:
             return {k: cls.of(v) for k, v in x.items()}
         if isinstance(x, (tuple, list)):
             return type(x)(cls.of(v) for v in x)
+        return x
+
+    @classmethod
+    def of_batch(cls, x: Any) -> Any:
+        """The first sample of every tensor in ``x`` (the structure the connectivity pass needs)."""
+        if isinstance(x, torch.Tensor):
+            return x[:1].detach() if x.dim() > 0 else x
+        if isinstance(x, dict):
+            return {k: cls.of_batch(v) for k, v in x.items()}
+        if isinstance(x, (tuple, list)):
+            return type(x)(cls.of_batch(v) for v in x)
         return x
 
     @classmethod
@@ -133,6 +155,69 @@ class _InputRecorder:
         self._handles = []
 
 
+def _is_number(x: Any) -> bool:
+    return not isinstance(x, bool) and isinstance(x, (int, float)) and not math.isnan(x)
+
+
+def _lam_of_endpoint(balance: float) -> Optional[float]:
+    """The lambda a balance fixes before any step: 0 for Taylor, inf for connectivity alone."""
+    if balance == 0:
+        return 0.0
+    if balance == math.inf:
+        return math.inf
+    return None  # resolved at the first step
+
+
+def _check_normalizer(normalizer: Any) -> None:
+    if callable(normalizer) or normalizer in _NORMALIZERS:
+        return
+    if isinstance(normalizer, str) and normalizer.startswith("sentinel_"):
+        try:
+            q = float(normalizer[len("sentinel_"):])
+        except ValueError:
+            q = float("nan")
+        if 0 <= q < 1:
+            return
+    raise ValueError(f"unknown normalizer {normalizer!r}; choose one of {_NORMALIZERS}, "
+                     "'sentinel_<q>' with 0 <= q < 1 (e.g. 'sentinel_0.5'), or a callable")
+
+
+def _model_dtype_device(model: nn.Module) -> Tuple[Optional[torch.dtype], Optional[torch.device]]:
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.dtype, p.device
+    return None, None
+
+
+def _follow_model(inputs: Any, model: nn.Module) -> Any:
+    """Move every tensor of ``inputs`` to the model's device, floats also to its dtype."""
+    dtype, device = _model_dtype_device(model)
+    if device is None:
+        return inputs
+    if device.type == "meta":
+        raise ValueError("ConnectImportance cannot measure connectivity of a model on the meta device: "
+                         "materialize its weights first (e.g. model.to_empty(device=...) and load a state dict)")
+
+    def move(x: Any) -> Any:
+        if isinstance(x, torch.Tensor):
+            return x.to(device=device, dtype=dtype) if x.is_floating_point() else x.to(device)
+        if isinstance(x, dict):
+            return {k: move(v) for k, v in x.items()}
+        if isinstance(x, (tuple, list)):
+            return type(x)(move(v) for v in x)
+        return x
+
+    return move(inputs)
+
+
+def _check_finite(params: Dict[str, torch.Tensor]) -> None:
+    for name, p in params.items():
+        if p.is_floating_point() and not bool(torch.isfinite(p).all()):
+            bad = "NaN" if bool(torch.isnan(p).any()) else "infinite"
+            raise ValueError(f"parameter {name!r} holds {bad} values: CoNNect cannot score a model with "
+                             "non-finite weights; check the training run that produced them")
+
+
 class ConnectImportance(tp.importance.TaylorImportance):
     """CoNNect importance: Taylor importance of ``J = L - lam * log phi_tot``.
 
@@ -143,17 +228,21 @@ class ConnectImportance(tp.importance.TaylorImportance):
     ``normalizer``, the same way Torch-Pruning reduces Taylor scores (out-channels, in-channels,
     grouped convolutions, ``root_idxs``).
 
-    ``log phi_tot`` is the signal-flow connectivity (:func:`connect_tp.connectivity.log_connectivity`):
-    the model in eval mode with ``|W|``, ``|b|`` and absolute norm affine parameters, fed ``n_samples``
-    inputs uniform in [0, 1) (token ids uniform over the vocabulary for integer inputs). Its
-    gradient is computed once per pruning step (whenever the model's parameters changed) and kept
-    out of ``.grad``.
+    The strength of the connectivity term is given either as ``balance`` (kappa, scale-free, the
+    default) or as the paper's absolute ``lam``, never both. With ``balance``, ``lam`` is set at the
+    first pruning step to ``kappa * (loss Taylor mass) / (connectivity Taylor mass)`` and kept for
+    the rest of the run (:attr:`lam` shows it; :meth:`reset` forgets it). ``balance=0`` is exactly
+    ``GroupTaylorImportance``; ``balance=math.inf`` scores with the connectivity term alone and
+    needs no gradients (data-free pruning).
 
-    Without any ``.grad`` (no ``loss.backward()`` was run), CoNNect scores with the connectivity
-    term alone (data-free pruning) and warns once.
+    ``log phi_tot`` is the signal-flow connectivity (:func:`connect_tp.connectivity.log_connectivity`):
+    the model in eval mode with ``|W|``, ``|b|`` and absolute norm affine parameters, BatchNorm as
+    ``bn_flow`` says, fed ``n_samples`` inputs uniform in [0, 1) (token ids uniform over the
+    vocabulary for integer inputs). Its gradient is computed once per pruning step (whenever the
+    model's parameters or buffers changed) and kept out of ``.grad``.
 
     Example:
-        >>> imp = ConnectImportance(lam=1e-3)
+        >>> imp = ConnectImportance()                     # balance=1: both terms weigh the same
         >>> pruner = tp.pruner.MetaPruner(model, example_inputs, importance=imp,
         ...                               global_pruning=True, pruning_ratio=1.0,
         ...                               iterative_steps=400, ignored_layers=[model.fc])
@@ -161,62 +250,85 @@ class ConnectImportance(tp.importance.TaylorImportance):
         ...     model.zero_grad()
         ...     torch.nn.functional.cross_entropy(model(x), y).backward()
         ...     pruner.step()
+        >>> imp.lam                                       # the lambda the balance resolved to
 
     Args:
-        lam: weight of the connectivity term (>= 0). ``lam=0`` gives Taylor importance.
+        lam: absolute weight of the connectivity term (0 <= lam <= :data:`MAX_LAMBDA`), the paper's
+            form. Without ``.grad`` on the model a step scores with the connectivity term alone
+            (data-free) and warns once.
+        balance: scale-free weight kappa >= 0 (``math.inf`` allowed); the default when ``lam`` is
+            not given is :data:`DEFAULT_BALANCE`. A finite kappa needs loss gradients at every step.
         n_samples: number of random inputs phi_tot is averaged over (>= 1).
         example_inputs: an input of the model's shape. Optional: when omitted, the input the
-            pruner traced the model with is used.
+            pruner traced the model with is used. Floating-point inputs follow the model's dtype
+            and device at every step.
         group_reduction: how scores of the layers in one group are combined ("mean", "sum", "max",
             "prod", "first", "gate" or None), as in Torch-Pruning.
         normalizer: how a group's scores are normalized ("mean", "sum", "max", "standarization",
-            "gaussian", "lamp" or None), as in Torch-Pruning.
+            "gaussian", "lamp", "sentinel_<q>" with 0 <= q < 1, a callable or None).
         bias: also score biases.
         batchnorm: also score the affine parameters of BatchNorm/GroupNorm layers. Off by default,
             which matches ``GroupTaylorImportance`` (its normalization branch never fires for
             BatchNorm); on, a channel whose BN scale carries its signal gets that credit too.
+        bn_flow: how BatchNorm enters phi_tot: "stats", "gamma" or "identity"
+            (:data:`connect_tp.connectivity.BN_FLOWS`).
         target_types: layer types that are scored.
-        seed: seed of the random connectivity inputs (``None``: torch's global generator).
+        seed: seed of the random connectivity inputs (an int >= 0, or ``None``: torch's global
+            generator).
     """
 
     def __init__(
         self,
-        lam: float = DEFAULT_LAMBDA,
+        lam: Optional[float] = None,
+        balance: Optional[float] = None,
         n_samples: int = 4,
         example_inputs: Any = None,
         group_reduction: Optional[str] = "mean",
         normalizer: Any = "mean",
         bias: bool = False,
         batchnorm: bool = False,
+        bn_flow: str = DEFAULT_BN_FLOW,
         target_types: Sequence[type] = (nn.modules.conv._ConvNd, nn.Linear,
                                         nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm),
         seed: Optional[int] = 0,
     ):
-        if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not math.isfinite(lam) or lam < 0:
-            raise ValueError(f"lam must be a finite number >= 0, got {lam!r}")
+        if lam is not None and balance is not None:
+            raise ValueError("give either lam (absolute) or balance (scale-free), not both")
+        if lam is not None and not (_is_number(lam) and 0 <= lam <= MAX_LAMBDA):
+            raise ValueError(f"lam must be a number in [0, {MAX_LAMBDA:g}], got {lam!r}; for the "
+                             "connectivity term alone use balance=math.inf")
+        if balance is None and lam is None:
+            balance = DEFAULT_BALANCE
+        if balance is not None and not (_is_number(balance) and balance >= 0):
+            raise ValueError(f"balance must be a number >= 0 (math.inf allowed), got {balance!r}")
         if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 1:
             raise ValueError(f"n_samples must be an integer >= 1, got {n_samples!r}")
         if group_reduction not in _REDUCTIONS:
             raise ValueError(f"unknown group_reduction {group_reduction!r}; choose one of {_REDUCTIONS}")
-        if not (callable(normalizer) or normalizer in _NORMALIZERS
-                or (isinstance(normalizer, str) and normalizer.startswith("sentinel_"))):
-            raise ValueError(
-                f"unknown normalizer {normalizer!r}; choose one of {_NORMALIZERS}, 'sentinel_<q>' or a callable"
-            )
+        _check_normalizer(normalizer)
+        if bn_flow not in BN_FLOWS:
+            raise ValueError(f"unknown bn_flow {bn_flow!r}; choose one of {BN_FLOWS}")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
+            raise ValueError(f"seed must be an integer >= 0 or None, got {seed!r}")
         super().__init__(group_reduction=group_reduction, normalizer=normalizer, bias=bias,
                          target_types=list(target_types))
-        self.lam = float(lam)
+        self.balance = None if balance is None else float(balance)
+        self._fixed_lam = None if lam is None else float(lam)
+        self.lam: Optional[float] = self._fixed_lam if self.balance is None else _lam_of_endpoint(self.balance)
         self.n_samples = n_samples
         self.example_inputs = example_inputs
         self.batchnorm = batchnorm
+        self.bn_flow = bn_flow
         self.seed = seed
-        # Only a connectivity term needs the input shape; lam=0 (pure Taylor) never watches forwards.
-        self._recorder = _InputRecorder() if example_inputs is None and self.lam > 0 else None
+        # Only a connectivity term needs the input shape; pure Taylor never watches forwards.
+        self._recorder = _InputRecorder() if example_inputs is None and self.lam != 0 else None
         self._cache_key: Optional[tuple] = None
         self._connectivity_grads: Dict[int, torch.Tensor] = {}
-        self._data_free = False
+        self._use_loss = True
         self._warned_data_free = False
         self.last_log_connectivity: Optional[float] = None
+        #: How many times the connectivity gradient was computed (once per pruning step).
+        self.connectivity_evaluations = 0
         self._dtype: Optional[torch.dtype] = None  # precision that last measured phi_tot finitely
 
     def __del__(self) -> None:
@@ -224,75 +336,143 @@ class ConnectImportance(tp.importance.TaylorImportance):
         if recorder is not None:
             recorder.remove()
 
+    def reset(self) -> None:
+        """Forget the lambda a balance resolved to and the cached gradients (for a new run)."""
+        if self.balance is not None:
+            self.lam = _lam_of_endpoint(self.balance)
+        self._cache_key = None
+        self._connectivity_grads = {}
+
+    @property
+    def data_free(self) -> bool:
+        """Whether the last step scored with the connectivity term alone."""
+        return not self._use_loss
+
     # ------------------------------------------------------------------ connectivity gradients
     def _inputs_for(self, model: nn.Module) -> Any:
         if self.example_inputs is not None:
-            return self.example_inputs
-        recorded = self._recorder.inputs.get(model) if self._recorder is not None else None
-        if recorded is None:
-            raise ValueError(
-                "ConnectImportance cannot tell the model's input shape: it was not built before the "
-                "pruner traced the model. Pass it explicitly: ConnectImportance(example_inputs=...)."
-            )
-        return _TensorSpec.materialize(recorded)
+            inputs = self.example_inputs
+        else:
+            recorded = self._recorder.inputs.get(model) if self._recorder is not None else None
+            if recorded is None:
+                raise ValueError(
+                    "ConnectImportance cannot tell the model's input shape: it was not built before the "
+                    "pruner traced the model. Pass it explicitly: ConnectImportance(example_inputs=...)."
+                )
+            inputs = _TensorSpec.materialize(recorded)
+        return _follow_model(inputs, model)
 
     @staticmethod
     def _state_key(model: nn.Module) -> tuple:
-        # Pruning replaces parameters (new objects, new shapes); optimizer steps bump _version.
-        return tuple((id(p), p._version, tuple(p.shape)) for p in model.parameters())
+        """What the connectivity gradient depends on: every parameter's and buffer's identity and values.
+
+        Pruning replaces parameters (new objects, new shapes) and optimizer steps bump ``_version``,
+        but edits through ``.data`` and BatchNorm re-estimation do neither, so the values enter the
+        key too, as two float64 sums per tensor computed on the tensor's device in one transfer.
+        """
+        tensors = [t for _, t in model.named_parameters()] + [b for _, b in model.named_buffers()
+                                                               if b.is_floating_point()]
+        ident = tuple((id(t), t._version, tuple(t.shape), t.dtype, str(t.device)) for t in tensors)
+        sums = []
+        with torch.no_grad():
+            for t in tensors:
+                d = t.detach()
+                sums.append(torch.stack([d.sum(dtype=torch.float64), d.abs().sum(dtype=torch.float64)]).cpu())
+        values = tuple(torch.cat(sums).tolist()) if sums else ()
+        return ident + values
 
     def _refresh(self, model: nn.Module) -> None:
-        """Recompute d log phi_tot / dW when the model changed since the last call."""
-        key = self._state_key(model)
-        if key == self._cache_key:
-            return
+        """Decide whether this step uses the loss, and recompute d log phi_tot / dW if the model changed."""
         params = dict(model.named_parameters())
-        self._data_free = all(p.grad is None for p in params.values())
-        if self._data_free:
-            if self.lam == 0:
-                raise RuntimeError(
-                    "ConnectImportance(lam=0) is Taylor importance and needs loss gradients: run "
-                    "loss.backward() before pruner.step(), or set lam > 0 for data-free CoNNect pruning."
-                )
-            if not self._warned_data_free:
-                warnings.warn(
-                    "ConnectImportance found no .grad on the model: scoring with the connectivity term "
-                    "alone (data-free CoNNect). Run loss.backward() before pruner.step() to include the loss.",
-                    stacklevel=3,
-                )
-                self._warned_data_free = True
-        self._connectivity_grads = {}
-        if self.lam > 0:
-            inputs = self._inputs_for(model)
-            if self._recorder is not None:
-                # The input structure is known now; stop watching every forward pass.
-                self.example_inputs = inputs
-                self._recorder.remove()
-                self._recorder = None
-            names = [n for n, p in params.items() if p.requires_grad]
-            leaves = {n: params[n].detach().requires_grad_(True) for n in names}
-            frozen = {n: p.detach() for n, p in params.items() if n not in leaves}
-            with torch.enable_grad():
-                log_phi, self._dtype = log_connectivity_and_dtype(
-                    model, inputs, self.n_samples, self.seed, {**leaves, **frozen}, self._dtype)
-                grads = torch.autograd.grad(log_phi, list(leaves.values()), allow_unused=True)
-            self.last_log_connectivity = log_phi.item()
-            self._connectivity_grads = {
-                id(params[n]): g for n, g in zip(names, grads) if g is not None
-            }
-        self._cache_key = key
+        has_grad = any(p.grad is not None for p in params.values())
+        self._use_loss = self.balance != math.inf and has_grad
+        if not has_grad and self.lam == 0:
+            raise RuntimeError(
+                "ConnectImportance with lam=0 / balance=0 is Taylor importance and needs loss gradients: "
+                "run loss.backward() before pruner.step(), or use balance=math.inf for data-free pruning."
+            )
+        if not has_grad and self.balance is not None and self.balance != math.inf:
+            raise RuntimeError(
+                f"ConnectImportance(balance={self.balance:g}) weighs the connectivity term against the loss "
+                "and found no .grad on the model: run loss.backward() on calibration data before each "
+                "pruner.step(), or use balance=math.inf for data-free pruning."
+            )
+        if not has_grad and self.balance is None and not self._warned_data_free:
+            warnings.warn(
+                "ConnectImportance found no .grad on the model: scoring with the connectivity term "
+                "alone (data-free CoNNect). Run loss.backward() before pruner.step() to include the loss.",
+                stacklevel=3,
+            )
+            self._warned_data_free = True
+        _check_finite(params)
+        if self.lam == 0:
+            return
+        key = self._state_key(model)
+        if key != self._cache_key:
+            self._connectivity_grads = self._connectivity_gradients(model, params)
+            self._cache_key = key
+        if self.lam is None:  # a finite balance resolves to lambda at the first step, then stays
+            self.lam = self._resolve_lambda(model)
+
+    def _connectivity_gradients(self, model: nn.Module, params: Dict[str, torch.Tensor]) -> Dict[int, torch.Tensor]:
+        inputs = self._inputs_for(model)
+        if self._recorder is not None:
+            # The input structure is known now; stop watching every forward pass.
+            self.example_inputs = _TensorSpec.of_batch(inputs)
+            self._recorder.remove()
+            self._recorder = None
+        names = [n for n, p in params.items() if p.requires_grad]
+        leaves = {n: params[n].detach().requires_grad_(True) for n in names}
+        frozen = {n: p.detach() for n, p in params.items() if n not in leaves}
+        with torch.enable_grad():
+            log_phi, self._dtype = log_connectivity_and_dtype(
+                model, inputs, self.n_samples, self.seed, {**leaves, **frozen}, self._dtype, self.bn_flow)
+            grads = torch.autograd.grad(log_phi, list(leaves.values()), allow_unused=True)
+        self.last_log_connectivity = log_phi.item()
+        self.connectivity_evaluations += 1
+        # Kept in float32 at least: a half-precision copy would round the small gradients that lam multiplies.
+        return {id(params[n]): g.to(torch.promote_types(params[n].dtype, torch.float32))
+                for n, g in zip(names, grads) if g is not None}
+
+    def _resolve_lambda(self, model: nn.Module) -> float:
+        """``balance * sum|W dL/dW| / sum|W d log phi / dW|`` over conv and linear weights."""
+        loss_mass, conn_mass = 0.0, 0.0
+        for m in model.modules():
+            w = getattr(m, "weight", None)
+            if not isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)) or not isinstance(w, torch.Tensor):
+                continue
+            if w.grad is not None:
+                loss_mass += float((w.detach() * w.grad).abs().sum(dtype=torch.float64))
+            g = self._connectivity_grads.get(id(w))
+            if g is not None:
+                conn_mass += float((w.detach() * g).abs().sum(dtype=torch.float64))
+        if not (loss_mass > 0 and math.isfinite(loss_mass)):
+            raise RuntimeError(
+                f"ConnectImportance(balance={self.balance:g}) found a loss Taylor mass of {loss_mass:g} "
+                "(the .grad of the convolution and linear weights is zero or not finite): compute the "
+                "gradient of a real loss on calibration data before pruner.step(), or pass lam= or "
+                "balance=math.inf."
+            )
+        if not conn_mass > 0:
+            raise RuntimeError("the connectivity gradient is zero for every convolution and linear weight: "
+                               "the model's output does not depend on its weights' magnitudes (see the warning above)")
+        return self.balance * loss_mass / conn_mass
 
     def objective_gradient(self, param: torch.Tensor) -> Optional[torch.Tensor]:
         """``dJ/dW = dL/dW - lam * d log phi_tot / dW`` for one parameter of the current model.
 
-        Returns ``None`` when neither term exists (no ``.grad`` and not on any signal path).
+        With the connectivity term alone (``balance=math.inf`` or no ``.grad``) it is
+        ``-d log phi_tot / dW``. Returns ``None`` when neither term exists.
         """
-        loss_grad = None if self._data_free else param.grad
-        conn_grad = self._connectivity_grads.get(id(param))
+        loss_grad = param.grad if self._use_loss else None
+        conn_grad = self._connectivity_grads.get(id(param)) if self.lam != 0 else None
         if conn_grad is None:
-            return None if loss_grad is None else loss_grad
-        scaled = conn_grad.to(param.dtype) * self.lam
-        return -scaled if loss_grad is None else loss_grad - scaled
+            return loss_grad
+        if loss_grad is None:
+            return -conn_grad
+        # lam * conn_grad is formed in float32 (or the parameter's wider dtype), then cast back.
+        return (loss_grad.to(conn_grad.dtype) - self.lam * conn_grad).to(loss_grad.dtype)
+
 
     # ------------------------------------------------------------------ scoring
     @staticmethod

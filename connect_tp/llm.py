@@ -26,8 +26,11 @@ layer (the same policy as Torch-Pruning's GQA head pruning).
 A pruned model has a different number of heads and MLP channels in different layers, which a plain
 ``LlamaConfig`` cannot describe. :func:`save_pruned` therefore writes the per-layer shapes into
 ``config.json`` together with a small self-contained modeling file, so that
-``AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)`` (or :func:`load_pruned`)
-rebuilds it.
+``AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)`` (or
+``load_pruned(path, trust_remote_code=True)``) rebuilds it. ``trust_remote_code=True`` runs that
+Python file, so :func:`load_pruned` never turns it on by itself: the caller opts in, and only for
+folders it wrote or trusts. An ``auto_map`` that points to code outside the folder (a Hub repo) is
+refused even then.
 
 ``transformers`` is only needed by the functions that load or save models; importing this module
 does not import it.
@@ -51,6 +54,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import resource
 from dataclasses import asdict, dataclass
 from typing import Any, Dict, Iterable, List, Optional, Sequence
@@ -65,6 +69,7 @@ from torch_pruning._helpers import GroupItem
 __all__ = [
     "LayerShape",
     "LLMBlockPruner",
+    "UntrustedCodeError",
     "accumulate_loss_gradients",
     "calibration_batches",
     "count_linear_macs",
@@ -512,7 +517,9 @@ _MODELING_TEMPLATE = '''"""Loader of a model pruned by connect_tp: a {base} whos
 
 Written by connect_tp.llm.save_pruned. config.json lists every decoder layer's query heads,
 key/value heads and MLP channels under "{key}"; this class builds those shapes before
-the weights are loaded. Load with AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True).
+the weights are loaded. Load with connect_tp.llm.load_pruned(path, trust_remote_code=True) or
+AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True); either runs this file, so do
+that only for a folder you wrote or trust.
 """
 import torch.nn as nn
 from transformers import {base} as _Base
@@ -553,8 +560,17 @@ def save_pruned(model: nn.Module, path: str, tokenizer: Any = None) -> str:
 
     A model whose layers all have the same shape is saved as the plain architecture. Otherwise
     ``config.json`` gets the per-layer shapes and an ``auto_map`` to a small modeling file written
-    beside the weights: load it with ``AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)``
-    or with :func:`load_pruned`.
+    beside the weights (``modeling_connect_pruned.py``), which has to run to rebuild the layers:
+    load it with ``load_pruned(path, trust_remote_code=True)`` or
+    ``AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)``.
+
+    Args:
+        model: the model to save.
+        path: the output folder (created if needed).
+        tokenizer: saved beside the model when given.
+
+    Returns:
+        ``path``.
     """
     _sync_layer_attributes(model)
     config = model.config
@@ -576,16 +592,103 @@ def save_pruned(model: nn.Module, path: str, tokenizer: Any = None) -> str:
     return path
 
 
-def load_pruned(path: str, **kwargs: Any) -> nn.Module:
+class UntrustedCodeError(ValueError):
+    """Loading a model folder would run Python code that the caller did not allow (or that is remote)."""
+
+
+# ``module.Class`` where ``module`` is a Python file in the model folder; what save_pruned writes.
+_LOCAL_CLASS_REFERENCE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\.[A-Za-z_][A-Za-z0-9_]*")
+
+
+def _auto_map_references(auto_map: Any) -> List[str]:
+    """Every class reference in an ``auto_map`` (values are strings or lists of strings/None)."""
+    if not isinstance(auto_map, dict):
+        return [repr(auto_map)]
+    refs = []
+    for value in auto_map.values():
+        for ref in value if isinstance(value, (list, tuple)) else [value]:
+            if ref is not None:
+                refs.append(ref if isinstance(ref, str) else repr(ref))
+    return refs
+
+
+def _check_auto_map(path: str, auto_map: Any) -> List[str]:
+    """The local modeling files an ``auto_map`` needs; refuses references to code outside ``path``.
+
+    Raises:
+        UntrustedCodeError: a reference points to a Hub repo (``user/repo--module.Class``), is not
+            of the form ``module.Class``, or names a module file that is not in ``path``.
+    """
+    config_file = os.path.join(path, "config.json")
+    modules = []
+    for ref in _auto_map_references(auto_map):
+        if "--" in ref:
+            raise UntrustedCodeError(
+                f"{config_file} has an auto_map entry {ref!r} that points to code in another repository "
+                f"(the 'user/repo--module.Class' form makes transformers download and run it). load_pruned "
+                f"refuses it even with trust_remote_code=True: a folder written by save_pruned only refers "
+                f"to its own modeling file. Restore the entry to "
+                f"'{_MODELING_FILE[:-3]}.ConnectPrunedForCausalLM', or save the model again with save_pruned")
+        if not _LOCAL_CLASS_REFERENCE.fullmatch(ref):
+            raise UntrustedCodeError(
+                f"{config_file} has an auto_map entry {ref!r} that is not of the form 'module.Class' with "
+                f"module a Python file in the folder; load_pruned refuses it. Save the model again with save_pruned")
+        module_file = os.path.join(path, ref.split(".")[0] + ".py")
+        if not os.path.isfile(module_file):
+            raise UntrustedCodeError(
+                f"{config_file} has an auto_map entry {ref!r} but {module_file} does not exist; load_pruned "
+                f"only loads modeling code saved in the folder. Save the model again with save_pruned")
+        if module_file not in modules:
+            modules.append(module_file)
+    return modules
+
+
+def load_pruned(path: str, trust_remote_code: bool = False, **kwargs: Any) -> nn.Module:
     """Load a model written by :func:`save_pruned` (``from_pretrained`` with its own modeling file).
 
-    Keyword arguments go to ``AutoModelForCausalLM.from_pretrained`` (e.g. ``dtype``, ``device_map``).
+    A model whose layers were pruned to different widths is saved with a Python modeling file next
+    to the weights (``modeling_connect_pruned.py``, referenced by ``auto_map`` in ``config.json``);
+    rebuilding it means running that file. That happens only when the caller passes
+    ``trust_remote_code=True``: this function never turns it on by itself, so a folder whose
+    modeling file was edited by someone else cannot run code on a plain ``load_pruned(path)``. Pass
+    it only for folders you wrote with :func:`save_pruned` or otherwise trust (read the file first).
+    An ``auto_map`` that points outside the folder (``user/repo--module.Class``, code from the
+    Hugging Face Hub) is refused even with the opt-in. A model saved with equal layers has no
+    modeling file and loads without the flag.
+
+    Args:
+        path: the folder written by :func:`save_pruned`.
+        trust_remote_code: allow running the modeling file saved in ``path``.
+        **kwargs: passed to ``AutoModelForCausalLM.from_pretrained`` (e.g. ``dtype``, ``device_map``).
+
+    Returns:
+        The model, with its per-layer attributes in sync with its weights.
+
+    Raises:
+        FileNotFoundError: ``path`` has no ``config.json``.
+        UntrustedCodeError: the folder needs its modeling file and ``trust_remote_code`` is False,
+            or its ``auto_map`` points to code outside the folder.
+
+    Example:
+        >>> model = load_pruned("llama-7b-connect-20", trust_remote_code=True)  # doctest: +SKIP
     """
     from transformers import AutoModelForCausalLM
 
-    with open(os.path.join(path, "config.json")) as f:
-        has_code = "auto_map" in json.load(f)
-    model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=has_code, **kwargs)
+    config_file = os.path.join(path, "config.json")
+    if not os.path.isfile(config_file):
+        raise FileNotFoundError(f"{config_file} does not exist: {path} is not a model folder written by save_pruned")
+    with open(config_file) as f:
+        auto_map = json.load(f).get("auto_map")
+    needs_code = bool(auto_map)  # an empty auto_map names no code
+    if needs_code:
+        modules = _check_auto_map(path, auto_map)
+        if not trust_remote_code:
+            raise UntrustedCodeError(
+                f"{path} needs the Python file {', '.join(modules) or _MODELING_FILE} to rebuild its pruned "
+                f"layers (config.json has an auto_map), and loading it would run that file. load_pruned does not "
+                f"run code from a model folder unless asked: if you wrote this folder with save_pruned or "
+                f"otherwise trust it (read the file first), call load_pruned(path, trust_remote_code=True)")
+    model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=needs_code and trust_remote_code, **kwargs)
     _sync_layer_attributes(model)
     return model
 

@@ -33,6 +33,8 @@ Example:
 from __future__ import annotations
 
 import copy
+import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -43,50 +45,107 @@ import torch_pruning as tp
 from tqdm.auto import tqdm
 
 __all__ = [
-    "PRUNING_METHODS", "GRADIENT_METHODS", "build_importance", "count_macs_and_params",
+    "PRUNING_METHODS", "GRADIENT_METHODS", "UniformRandomImportance", "parse_method", "needs_gradients",
+    "build_importance", "count_macs_and_params",
     "classifier_layers", "calibration_gradients", "PruneSnapshot", "progressive_prune",
     "layer_channels", "signal_flow", "layer_report", "calibration_batches", "recalibrate_batchnorm",
 ]
 
-PRUNING_METHODS = ("connect", "taylor", "l1", "l2", "lamp", "random")
-"""Importance criteria known to :func:`build_importance`."""
+PRUNING_METHODS = ("connect", "taylor", "l1", "l2", "lamp", "random", "uniform")
+"""Importance criteria known to :func:`build_importance` (``connect`` also takes options, see there)."""
 
 GRADIENT_METHODS = frozenset({"connect", "taylor"})
 """Methods whose importance needs ``loss.backward()`` on calibration data before each step."""
 
+_CONNECT_SPEC = re.compile(r"^connect(?:-k(?P<balance>inf|[0-9.e+-]+))?(?:-lam(?P<lam>[0-9.e+-]+))?"
+                           r"(?:-bn(?P<bn_flow>[a-z]+))?$")
+
+
+class UniformRandomImportance(tp.importance.Importance):
+    """Every channel of every group gets an independent uniform score: a uniform random baseline.
+
+    With global pruning each channel is then equally likely to go, whatever the size of its group.
+    """
+
+    def __init__(self, generator: Optional[torch.Generator] = None):
+        self.generator = generator
+
+    @torch.no_grad()
+    def __call__(self, group, **kwargs) -> torch.Tensor:
+        _, idxs = group[0]
+        return torch.rand(len(idxs), generator=self.generator)
+
+
+def parse_method(method: str) -> Tuple[str, Dict[str, Any]]:
+    """Split a method name into the criterion and its options.
+
+    ``connect`` takes options in its name: ``connect-k<kappa>`` (balance, ``inf`` allowed),
+    ``connect-lam<lambda>`` (the absolute form) and ``-bn<stats|gamma|identity>``, e.g.
+    ``connect-k3-bngamma``. Other methods take none.
+
+    Raises:
+        ValueError: an unknown method or malformed options, naming the accepted forms.
+    """
+    if method in PRUNING_METHODS:
+        return method, {}
+    match = _CONNECT_SPEC.match(method)
+    if match is None:
+        raise ValueError(f"unknown pruning method {method!r}; choose one of {list(PRUNING_METHODS)}, or "
+                         "connect-k<kappa>[-bn<stats|gamma|identity>] / connect-lam<lambda>[-bn...]")
+    options: Dict[str, Any] = {}
+    try:
+        if match["balance"] is not None:
+            options["balance"] = math.inf if match["balance"] == "inf" else float(match["balance"])
+        if match["lam"] is not None:
+            options["lam"] = float(match["lam"])
+    except ValueError:
+        raise ValueError(f"malformed number in pruning method {method!r}") from None
+    if match["bn_flow"] is not None:
+        options["bn_flow"] = match["bn_flow"]
+    return "connect", options
+
 
 def build_importance(method: str, example_inputs: Optional[torch.Tensor] = None,
-                     connect_lam: Optional[float] = None) -> tp.importance.Importance:
+                     connect_lam: Optional[float] = None, seed: int = 0) -> tp.importance.Importance:
     """The Torch-Pruning importance object for a method name.
 
     Args:
-        method: one of :data:`PRUNING_METHODS`. ``taylor`` is DepGraph's group Taylor importance
-            (the paper's "DepGraph" baseline); ``l1``/``l2`` group magnitude; ``lamp`` LAMP;
-            ``connect`` :class:`connect_tp.importance.ConnectImportance`.
+        method: one of :data:`PRUNING_METHODS`, or ``connect`` with options (:func:`parse_method`).
+            ``taylor`` is DepGraph's group Taylor importance (the paper's "DepGraph" baseline);
+            ``l1``/``l2`` group magnitude; ``lamp`` LAMP; ``random`` Torch-Pruning's random
+            importance; ``uniform`` :class:`UniformRandomImportance`; ``connect``
+            :class:`connect_tp.importance.ConnectImportance` (library defaults unless options say).
         example_inputs: input shape for CoNNect's uniform connectivity inputs.
-        connect_lam: CoNNect's lambda (None: the library default).
+        connect_lam: CoNNect's absolute lambda for a plain ``connect`` (None: the library default).
+        seed: seed of the uniform baseline's generator.
 
     Example:
-        >>> imp = build_importance("taylor")
+        >>> imp = build_importance("connect-k3-bngamma")
     """
-    if method == "connect":
+    name, options = parse_method(method)
+    if name == "connect":
         from .importance import ConnectImportance  # imported here: the module is optional for other methods
 
-        kwargs = {"example_inputs": example_inputs}
-        if connect_lam is not None:
-            kwargs["lam"] = connect_lam
-        return ConnectImportance(**kwargs)
-    if method == "taylor":
+        if connect_lam is not None and not options:
+            options["lam"] = connect_lam
+        return ConnectImportance(example_inputs=example_inputs, **options)
+    if name == "taylor":
         return tp.importance.GroupTaylorImportance()
-    if method == "l1":
+    if name == "l1":
         return tp.importance.GroupMagnitudeImportance(p=1)
-    if method == "l2":
+    if name == "l2":
         return tp.importance.GroupMagnitudeImportance(p=2)
-    if method == "lamp":
+    if name == "lamp":
         return tp.importance.LAMPImportance(p=2)
-    if method == "random":
+    if name == "random":
         return tp.importance.RandomImportance()
-    raise ValueError(f"unknown pruning method {method!r}; choose one of {list(PRUNING_METHODS)}")
+    return UniformRandomImportance(torch.Generator().manual_seed(seed))
+
+
+def needs_gradients(method: str) -> bool:
+    """Whether the method's importance reads ``.grad`` (data-free CoNNect, ``connect-kinf``, does not)."""
+    name, options = parse_method(method)
+    return name in GRADIENT_METHODS and options.get("balance") != math.inf
 
 
 def count_macs_and_params(model: nn.Module, example_inputs: torch.Tensor) -> Tuple[int, int]:
@@ -200,7 +259,8 @@ def progressive_prune(model: nn.Module, example_inputs: torch.Tensor, importance
     targets = sorted(float(t) for t in targets)
     if not targets or targets[0] <= 1.0:
         raise ValueError(f"speed-up targets must be > 1, got {targets}")
-    needs_grad = isinstance(importance, tp.importance.GroupTaylorImportance)
+    needs_grad = isinstance(importance, tp.importance.GroupTaylorImportance) and \
+        getattr(importance, "balance", None) != math.inf
     if needs_grad and not calibration:
         raise ValueError("Taylor/CoNNect importance needs calibration batches to compute gradients")
     model.to(device).eval()

@@ -1,5 +1,11 @@
-"""Dataset readers on small files written here in CIFAR's and MNIST's own formats."""
+"""Dataset readers on small files written here in CIFAR's and MNIST's own formats.
+
+CIFAR files are checked against the official MD5s before they are unpickled; the small files
+written here are accepted by putting their own checksums into ``connect_tp.data.CIFAR_MD5`` for the
+duration of a test (``_trust``).
+"""
 import gzip
+import hashlib
 import os
 import pickle
 
@@ -7,8 +13,15 @@ import numpy as np
 import pytest
 import torch
 
-from connect_tp.data import (DEBIAN_FASHION_MNIST_DIR, DatasetError, ImageTensorDataset, load_datasets,
-                             read_cifar, read_fashion_mnist)
+from connect_tp import data as data_module
+from connect_tp.data import (DEBIAN_FASHION_MNIST_DIR, DatasetError, DatasetIntegrityError, ImageTensorDataset,
+                             load_datasets, read_cifar, read_fashion_mnist)
+
+
+def _trust(monkeypatch, name, folder):
+    """Accept the files now in ``folder`` as the official ``name`` files for this test."""
+    table = {p.name: hashlib.md5(p.read_bytes()).hexdigest() for p in folder.iterdir() if p.is_file()}
+    monkeypatch.setitem(data_module.CIFAR_MD5, name, table)
 
 
 def _write_cifar10(root, n_per_batch=3, seed=0):
@@ -25,8 +38,9 @@ def _write_cifar10(root, n_per_batch=3, seed=0):
     return written
 
 
-def test_cifar10_reads_every_batch_in_channel_major_order(tmp_path):
+def test_cifar10_reads_every_batch_in_channel_major_order(tmp_path, monkeypatch):
     written = _write_cifar10(tmp_path)
+    _trust(monkeypatch, "cifar10", tmp_path / "cifar-10-batches-py")
     images, labels = read_cifar("cifar10", str(tmp_path), train=True)
     assert images.shape == (15, 3, 32, 32) and images.dtype == torch.uint8
     expected_labels = sum((written[f"data_batch_{i}"][1] for i in range(1, 6)), [])
@@ -39,13 +53,17 @@ def test_cifar10_reads_every_batch_in_channel_major_order(tmp_path):
     assert test_images.shape == (3, 3, 32, 32) and test_labels.tolist() == written["test_batch"][1]
 
 
-def test_cifar100_uses_fine_labels(tmp_path):
+@pytest.mark.parametrize("protocol", [2, pickle.DEFAULT_PROTOCOL])
+def test_cifar100_uses_fine_labels(tmp_path, monkeypatch, protocol):
+    # Protocol 2 is what the official (Python 2) files use; numpy arrays then go through
+    # _reconstruct/_codecs.encode, while protocol 5 uses _frombuffer: the unpickler allows both.
     folder = tmp_path / "cifar-100-python"
     folder.mkdir()
     for name, n in (("train", 4), ("test", 2)):
         with open(folder / name, "wb") as f:
             pickle.dump({b"data": np.zeros((n, 3072), np.uint8), b"fine_labels": [99, 5, 7, 0][:n],
-                         b"coarse_labels": [1] * n}, f)
+                         b"coarse_labels": [1] * n}, f, protocol=protocol)
+    _trust(monkeypatch, "cifar100", folder)
     train_set, test_set, info = load_datasets("cifar100", data_dir=str(tmp_path), augment=False)
     assert info.num_classes == 100 and len(train_set) == 4 and len(test_set) == 2
     assert [train_set[i][1] for i in range(4)] == [99, 5, 7, 0]
@@ -60,12 +78,64 @@ def test_missing_cifar_names_the_file_and_the_fix(tmp_path):
     assert "--download" in message and "--data-dir" in message
 
 
-def test_corrupt_cifar_file_names_the_file(tmp_path):
+def test_corrupt_cifar_file_names_the_file(tmp_path, monkeypatch):
     _write_cifar10(tmp_path)
     broken = tmp_path / "cifar-10-batches-py" / "data_batch_3"
     broken.write_bytes(b"\x80\x04this is not a pickle")
+    _trust(monkeypatch, "cifar10", tmp_path / "cifar-10-batches-py")  # checksum passes, the pickle does not
     with pytest.raises(DatasetError, match="data_batch_3.*corrupt"):
         read_cifar("cifar10", str(tmp_path), train=True)
+
+
+def test_cifar_file_that_differs_from_the_official_copy_is_refused(tmp_path, monkeypatch):
+    _write_cifar10(tmp_path)
+    _trust(monkeypatch, "cifar10", tmp_path / "cifar-10-batches-py")
+    changed = tmp_path / "cifar-10-batches-py" / "data_batch_2"
+    changed.write_bytes(changed.read_bytes() + b"\0")
+    with pytest.raises(DatasetIntegrityError) as err:
+        read_cifar("cifar10", str(tmp_path), train=True)
+    message = str(err.value)
+    assert str(changed) in message and "does not match the official copy" in message
+    assert "--download" in message and "https://www.cs.toronto.edu/~kriz/cifar.html" in message
+
+
+def test_small_cifar_files_are_refused_with_the_official_checksums(tmp_path):
+    # Without a test replacing the table, nothing but the official files is ever unpickled.
+    _write_cifar10(tmp_path)
+    with pytest.raises(DatasetIntegrityError, match="data_batch_1 does not match the official copy"):
+        read_cifar("cifar10", str(tmp_path), train=True)
+    with pytest.raises(DatasetIntegrityError, match="test_batch does not match the official copy"):
+        read_cifar("cifar10", str(tmp_path), train=False)
+    with pytest.raises(DatasetIntegrityError, match="data_batch_1 does not match the official copy"):
+        load_datasets("cifar10", data_dir=str(tmp_path))
+
+
+def test_checksum_table_matches_torchvision():
+    datasets = pytest.importorskip("torchvision.datasets")
+    for name, cls in (("cifar10", datasets.CIFAR10), ("cifar100", datasets.CIFAR100)):
+        assert data_module.CIFAR_MD5[name] == dict(cls.train_list + cls.test_list)
+
+
+def test_download_replaces_a_file_that_does_not_match(tmp_path, monkeypatch):
+    torchvision = pytest.importorskip("torchvision")
+    written = _write_cifar10(tmp_path)
+    folder = tmp_path / "cifar-10-batches-py"
+    _trust(monkeypatch, "cifar10", folder)
+    genuine = (folder / "data_batch_4").read_bytes()
+    (folder / "data_batch_4").write_bytes(b"planted")
+    calls = []
+
+    class FakeCIFAR10:  # stands in for the download: writes the "official" file back
+        url = "https://example.invalid/cifar-10-python.tar.gz"
+
+        def __init__(self, root, train, download):
+            calls.append((root, train, download))
+            (folder / "data_batch_4").write_bytes(genuine)
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", FakeCIFAR10)
+    images, labels = read_cifar("cifar10", str(tmp_path), train=True, download=True)
+    assert calls == [(str(tmp_path), True, True)]
+    assert labels.tolist() == sum((written[f"data_batch_{i}"][1] for i in range(1, 6)), [])
 
 
 def _write_idx(path, array, compress):

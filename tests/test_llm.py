@@ -75,7 +75,8 @@ def test_connect_prunes_tiny_gqa_llama_to_ratio_and_reloads(param_ratio, tmp_pat
     x = batches[:2]
     with torch.no_grad():
         torch.testing.assert_close(reloaded(input_ids=x).logits, model(input_ids=x).logits)
-    assert torch.equal(llm.load_pruned(path).generate(prompt, max_new_tokens=6, do_sample=False), out)
+    reloaded = llm.load_pruned(path, trust_remote_code=True)  # the folder was written just above
+    assert torch.equal(reloaded.generate(prompt, max_new_tokens=6, do_sample=False), out)
 
 
 def test_connectivity_keeps_the_head_that_carries_the_signal():

@@ -1,0 +1,232 @@
+"""The ranking benchmark: which pruning criterion keeps the most accuracy, beyond seed-to-seed noise.
+
+One seed at a time (about 2 hours on 2 CPU cores), resumable, committing as it goes::
+
+    python -m benchmarks.ranking --seed 0 --threads 2            # base model, then every method
+    python -m benchmarks.ranking --seed 0 --threads 2 --resume   # continue after an interruption
+    python -m benchmarks.ranking --summarize runs/ranking/seed*  # tables -> benchmarks/results/ranking
+
+Protocol (docs/benchmarks.md, "The ranking benchmark"): ResNet-20 trained on all of Fashion-MNIST
+(the ``ranking`` preset of ``connect-tp``), one base model and one calibration set per seed shared by
+every method, Torch-Pruning's 400-step global loop with one trajectory per method and snapshots at
+1.5x, 2x, 2.5x, 8x and 16x. Every snapshot is evaluated raw and after BatchNorm re-estimation; the
+2.5x, 8x and 16x ones also after a short fixed budget (50 SGD steps) and after one epoch on all 60k.
+
+Phase 1 sweeps CoNNect's balance kappa over :data:`KAPPA_GRID` (kappa = 0 is ``taylor``) beside
+every Torch-Pruning built-in and a uniform random baseline. Phase 2 runs the BatchNorm treatments
+at the kappa the rule :func:`choose_kappa` picks. The rule was fixed before the sweep ran.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import math
+import os
+import statistics
+import sys
+from typing import Any, Dict, List, Optional, Sequence
+
+from benchmarks import cifar_pruning
+
+KAPPA_GRID = (0.3, 1.0, 3.0, 10.0, 30.0, 100.0, math.inf)
+"""Balances swept in phase 1; 0 is the ``taylor`` row (``ConnectImportance(balance=0)`` equals it exactly)."""
+
+BASELINES = ("l2", "taylor", "lamp", "l1", "random", "uniform")
+RULE_TARGETS = (8.0, 16.0)
+"""The rule: the kappa with the best mean fine-tuned accuracy over these targets (and over seeds)."""
+
+BN_FLOWS = ("gamma", "identity")  # "stats" is the phase-1 row itself
+
+
+def kappa_method(kappa: float, bn_flow: Optional[str] = None) -> str:
+    name = "connect-kinf" if kappa == math.inf else f"connect-k{kappa:g}"
+    return name + (f"-bn{bn_flow}" if bn_flow else "")
+
+
+def phase1_methods() -> List[str]:
+    # Ordered so that an interrupted seed still has the most informative rows.
+    first = ["l2", "taylor", kappa_method(1.0), kappa_method(math.inf), kappa_method(10.0), kappa_method(3.0),
+             kappa_method(30.0), kappa_method(0.3), kappa_method(100.0)]
+    return first + [b for b in BASELINES if b not in first]
+
+
+def read_results(run_dirs: Sequence[str]) -> List[Dict[str, Any]]:
+    files = sorted(f for d in run_dirs for f in glob.glob(os.path.join(d, "results", "*.json")))
+    return [cifar_pruning.read_json(f) for f in files]
+
+
+def rule_score(results: List[Dict[str, Any]], method: str) -> Optional[float]:
+    """Mean over seeds of the mean fine-tuned accuracy at :data:`RULE_TARGETS` (None if incomplete)."""
+    per_seed: Dict[int, List[float]] = {}
+    for r in results:
+        if r["method"] == method and r["target_speed_up"] in RULE_TARGETS and r.get("finetuned_acc") is not None:
+            per_seed.setdefault(r["seed"], []).append(r["finetuned_acc"])
+    complete = [statistics.fmean(v) for v in per_seed.values() if len(v) == len(RULE_TARGETS)]
+    return statistics.fmean(complete) if complete else None
+
+
+def choose_kappa(results: List[Dict[str, Any]]) -> Optional[float]:
+    """The rule, written before the sweep: best :func:`rule_score` over the grid (Taylor as kappa 0).
+
+    Returns None until every grid point has a score. Ties go to the smaller kappa (closer to the data).
+    """
+    scores = {0.0: rule_score(results, "taylor")}
+    scores.update({k: rule_score(results, kappa_method(k)) for k in KAPPA_GRID})
+    if any(v is None for v in scores.values()):
+        return None
+    best = max(scores.values())
+    return min(k for k, v in scores.items() if v == best)
+
+
+def run_seed(seed: int, common: List[str], resume: bool) -> None:
+    def stage(name: str, *extra: str) -> None:
+        argv = [name, "--preset", "ranking", "--seed", str(seed), *common, *extra]
+        if resume:
+            argv.append("--resume")
+        code = cifar_pruning.main(argv)
+        if code:
+            raise SystemExit(code)
+
+    stage("train")
+    resume = True  # every later stage continues the folder this invocation owns
+    for method in phase1_methods():
+        stage("prune", "--methods", method)
+        stage("finetune", "--methods", method)
+    out = os.path.join("runs", "ranking", f"seed{seed}")
+    kappa = choose_kappa(read_results(sorted(glob.glob(os.path.join("runs", "ranking", "seed*")))) )
+    if kappa is None or kappa == 0.0:
+        print(f"phase 2 skipped: the rule picked {kappa!r} (BatchNorm treatments need a connectivity term)")
+        return
+    print(f"phase 2: BatchNorm treatments at kappa = {kappa:g} (results in {out})")
+    for flow in BN_FLOWS:
+        stage("prune", "--methods", kappa_method(kappa, flow))
+        stage("finetune", "--methods", kappa_method(kappa, flow))
+
+
+# ------------------------------------------------------------------------------------------ summary
+def _stat(values: List[float]) -> Dict[str, float]:
+    values = [v for v in values if v is not None]
+    if not values:
+        return {"mean": math.nan, "std": math.nan, "n": 0}
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else math.nan,
+            "n": len(values)}
+
+
+def _fmt(s: Dict[str, float]) -> str:
+    if not s["n"]:
+        return "–"
+    return f"{s['mean']:.1f}" + (f" ± {s['std']:.1f}" if s["n"] > 1 else "")
+
+
+def _paired(results, method: str, reference: str, target: float, key: str) -> Dict[str, float]:
+    by = {(r["method"], r["seed"]): r for r in results if r["target_speed_up"] == target}
+    diffs = [by[(method, s)][key] - by[(reference, s)][key] for (m, s) in by
+             if m == method and (reference, s) in by
+             and by[(method, s)].get(key) is not None and by[(reference, s)].get(key) is not None]
+    return _stat(diffs)
+
+
+def stage_widths(result: Dict[str, Any]) -> str:
+    """Output channels per ResNet stage: the residual stream (shared) and the mean inner width."""
+    channels = result["channels"]
+    parts = []
+    for stage in ("layer1", "layer2", "layer3"):
+        inner = [v[1] for k, v in channels.items() if k.startswith(stage) and k.endswith("conv1")]
+        stream = [v[1] for k, v in channels.items() if k.startswith(stage) and k.endswith("conv2")]
+        if inner:
+            parts.append(f"{stream[-1]}/{statistics.fmean(inner):.0f}")
+    return " · ".join(parts)
+
+
+def summarize(run_dirs: Sequence[str], output: str) -> str:
+    results = read_results(run_dirs)
+    if not results:
+        raise SystemExit(f"error: no results under {list(run_dirs)}; run a seed first")
+    configs = {(r["preset"], r["iterative_steps"]) for r in results}
+    if len(configs) > 1:
+        raise SystemExit(f"error: the runs mix configurations {sorted(configs)}; summarize one preset at a time")
+    seeds = sorted({r["seed"] for r in results})
+    methods = sorted({r["method"] for r in results}, key=lambda m: (not m.startswith("connect"), m))
+    bases = [cifar_pruning.read_json(os.path.join(d, "base.json")) for d in run_dirs
+             if os.path.isfile(os.path.join(d, "base.json"))]
+    env = results[0].get("environment", {})
+    lines = [f"Seeds {seeds}; base accuracy {_fmt(_stat([b['acc'] for b in bases]))} % "
+             f"(per seed: {', '.join('%.2f' % b['acc'] for b in bases)}). "
+             f"torch {env.get('torch')}, torch-pruning {env.get('torch_pruning')}, {env.get('threads')} thread(s).", ""]
+
+    def table(title: str, targets: Sequence[float], key: str) -> None:
+        lines.extend([f"**{title}** (mean ± sample std over seeds)", "",
+                      "| method | " + " | ".join(f"{t:g}x" for t in targets) + " |",
+                      "|---|" + "---|" * len(targets)])
+        for m in methods:
+            cells = [_fmt(_stat([r.get(key) for r in results if r["method"] == m and r["target_speed_up"] == t]))
+                     for t in targets]
+            if any(c != "–" for c in cells):
+                lines.append(f"| {m} | " + " | ".join(cells) + " |")
+        lines.append("")
+
+    table("Accuracy right after pruning, no repair", (1.5, 2.0, 2.5), "pruned_acc")
+    table("Accuracy after BatchNorm re-estimation only (256 images)", (1.5, 2.0, 2.5, 8.0, 16.0),
+          "pruned_acc_bn_recalibrated")
+    table("Accuracy after a short fine-tuning budget (50 steps)", (2.5, 8.0, 16.0), "short_finetuned_acc")
+    table("Accuracy after one fine-tuning epoch on all 60k", (2.5, 8.0, 16.0), "finetuned_acc")
+
+    for ref in ("l2", "taylor"):
+        lines.extend([f"**Paired difference against {ref}** (per seed, then mean ± std; fine-tuned / BN-recal.)",
+                      "", "| method | 2x BN-recal. | 8x fine-tuned | 16x fine-tuned | 16x short FT |", "|---|---|---|---|---|"])
+        for m in methods:
+            if m == ref:
+                continue
+            cells = [_fmt(_paired(results, m, ref, 2.0, "pruned_acc_bn_recalibrated")),
+                     _fmt(_paired(results, m, ref, 8.0, "finetuned_acc")),
+                     _fmt(_paired(results, m, ref, 16.0, "finetuned_acc")),
+                     _fmt(_paired(results, m, ref, 16.0, "short_finetuned_acc"))]
+            lines.append(f"| {m} | " + " | ".join(cells) + " |")
+        lines.append("")
+
+    lines.extend(["**Where each method cuts at 16x** (seed %d; per stage: residual stream / mean inner width; "
+                  "base 16/16 · 32/32 · 64/64)" % seeds[0], "", "| method | widths | lambda used |", "|---|---|---|"])
+    for m in methods:
+        r = next((r for r in results if r["method"] == m and r["target_speed_up"] == 16.0 and r["seed"] == seeds[0]), None)
+        if r is not None:
+            lam = r.get("connect_lam")
+            lines.append(f"| {m} | {stage_widths(r)} | {'–' if lam is None else f'{lam:.3g}'} |")
+    lines.append("")
+    scores = {m: rule_score(results, m) for m in methods}
+    kappa = choose_kappa(results)
+    lines.append("Rule score (mean fine-tuned accuracy over 8x and 16x): " + ", ".join(
+        f"{m} {v:.2f}" for m, v in sorted(scores.items(), key=lambda kv: -(kv[1] or -1)) if v is not None))
+    lines.append("")
+    lines.append(f"Kappa chosen by the rule: {'not yet (grid incomplete)' if kappa is None else f'{kappa:g}'}")
+    markdown = "\n".join(lines) + "\n"
+    os.makedirs(output, exist_ok=True)
+    cifar_pruning.atomic_write(os.path.join(output, "table.md"), lambda f: f.write(markdown), binary=False)
+    cifar_pruning.atomic_write_json({"seeds": seeds, "rule_scores": scores, "chosen_kappa": kappa,
+                                     "results": results, "bases": bases}, os.path.join(output, "summary.json"))
+    return markdown
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--seed", type=int, help="run one seed (base model, phase 1, phase 2)")
+    parser.add_argument("--resume", action="store_true", help="continue the seed's folder runs/ranking/seed<seed>")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--data-dir", default="data", help="Fashion-MNIST location (Debian's package is found too)")
+    parser.add_argument("--summarize", nargs="+", metavar="RUN_DIR", help="tabulate finished run folders")
+    parser.add_argument("--output", default=os.path.join("benchmarks", "results", "ranking"))
+    args = parser.parse_args(argv)
+    if args.summarize:
+        print(summarize(args.summarize, args.output))
+        return 0
+    if args.seed is None:
+        parser.error("give --seed N to run a seed, or --summarize RUN_DIR... to tabulate")
+    common = ["--device", args.device, "--data-dir", args.data_dir]
+    if args.threads:
+        common += ["--threads", str(args.threads)]
+    run_seed(args.seed, common, args.resume)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
