@@ -5,8 +5,15 @@ selected layers are pruned (``connect_tp.llm.LLMBlockPruner``), and parameters, 
 perplexity on each evaluation text are recorded; optionally the pruned model is LoRA-tuned and saved
 so that ``from_pretrained`` reloads it. Writes ``<out-dir>/<tag>.json`` and ``<tag>.md``.
 
-Methods: ``connect`` (ConnectImportance: Taylor of L - lam log phi_tot), ``taylor`` (vanilla
-LLM-Pruner: Taylor of L), ``l1``, ``l2`` (weight norms), ``random``.
+Methods: ``connect`` (ConnectImportance: Taylor of L - lam log phi_tot, one run per ``--balance``
+kappa and per ``--lam``), ``taylor`` (vanilla LLM-Pruner: Taylor of L), ``l1``, ``l2`` (weight
+norms), ``random``. Each connect row records the lambda it used, so a kappa can be compared with
+the paper's absolute 1e5.
+
+Offline kappa grid on the tiny LLaMA of ``benchmarks.llm_tiny_lm``:
+    python -m benchmarks.llm_prune --model /tmp/tiny-llama --calib-text /tmp/tiny-llama/train.txt \
+        --eval-text heldout=/tmp/tiny-llama/eval.txt --balance 0.3 1 3 10 30 100 inf --lam \
+        --tag tiny_llama_kappa
 
 Usage (LLaMA-7B on a GPU, the paper's setting):
     python -m benchmarks.llm_prune --model huggyllama/llama-7b --dtype float16 --device cuda \
@@ -43,7 +50,10 @@ def parse_args(argv=None):
     p.add_argument("--n-calib", type=int, default=10, help="calibration samples (paper: 10)")
     p.add_argument("--seq-len", type=int, default=128, help="calibration and evaluation length (paper: 128)")
     p.add_argument("--max-eval-windows", type=int, default=None)
-    p.add_argument("--lam", nargs="+", type=float, default=[1e5], help="CoNNect lambda(s) (paper: 1e5)")
+    p.add_argument("--lam", nargs="*", type=float, default=[1e5],
+                   help="absolute CoNNect lambda(s) (paper: 1e5); give the flag alone for none")
+    p.add_argument("--balance", nargs="*", type=float, default=[],
+                   help="scale-free CoNNect balance(s) kappa, 'inf' for connectivity alone")
     p.add_argument("--n-samples", type=int, default=4, help="random token sequences for phi_tot")
     p.add_argument("--keep-first", type=int, default=3)
     p.add_argument("--keep-last", type=int, default=1)
@@ -65,12 +75,12 @@ def _read(path: str) -> str:
         return f.read()
 
 
-def _importance(method: str, lam: float, n_samples: int, example: torch.Tensor):
+def _importance(method: str, strength, n_samples: int, example: torch.Tensor):
     # Scores are ranked within one layer's group, so reduction/normalization only need to be
-    # monotone; "sum" is the paper's aggregation.
+    # monotone; "sum" is the paper's aggregation. strength is ("lam", value) or ("balance", value).
     if method == "connect":
-        return ConnectImportance(lam=lam, n_samples=n_samples, example_inputs={"input_ids": example},
-                                 group_reduction="sum", normalizer=None)
+        return ConnectImportance(**{strength[0]: strength[1]}, n_samples=n_samples,
+                                 example_inputs={"input_ids": example}, group_reduction="sum", normalizer=None)
     if method == "taylor":
         return tp.importance.GroupTaylorImportance(group_reduction="sum", normalizer=None)
     if method in ("l1", "l2"):
@@ -114,7 +124,8 @@ def main(argv=None):
     rows: List[dict] = [{"method": "dense", "param_ratio_target": 0.0, **_measure(model, evals, args, device)}]
     dense_params = rows[0]["params"]
     print(json.dumps(rows[0]), flush=True)
-    runs = [(m, lam) for m in args.methods for lam in (args.lam if m == "connect" else [None])]
+    strengths = [("balance", k) for k in args.balance] + [("lam", v) for v in args.lam]
+    runs = [(m, st) for m in args.methods for st in (strengths if m == "connect" else [None])]
     # From the dense model: the loop below replaces `model` by pruned ones.
     group_ratios = {r: llm.group_ratio_for_param_ratio(model, r, layers) for r in args.param_ratios}
     for ratio, group_ratio in group_ratios.items():
@@ -128,8 +139,10 @@ def main(argv=None):
             imp = _importance(method, lam, args.n_samples, batches[:1])
             llm.LLMBlockPruner(model, imp, group_ratio, layers=layers).step()
             model.zero_grad(set_to_none=True)
-            row = {"method": method if lam is None else f"connect(lam={lam:g})", "param_ratio_target": ratio,
+            row = {"method": method if lam is None else f"connect({lam[0]}={lam[1]:g})", "param_ratio_target": ratio,
                    "group_ratio": group_ratio, "prune_seconds": time.time() - start}
+            if lam is not None:
+                row["lam_used"] = imp.lam
             row.update(_measure(model, evals, args, device))
             row["param_ratio_removed"] = 1 - row["params"] / dense_params
             if args.lora_steps > 0:
@@ -139,7 +152,7 @@ def main(argv=None):
                 for name, ids in evals.items():
                     row[f"ppl_{name}_lora"] = llm.perplexity(model, ids, args.seq_len, max_windows=args.max_eval_windows)
             if args.save_dir:
-                path = os.path.join(args.save_dir, f"{method}{'' if lam is None else f'-lam{lam:g}'}-{int(ratio * 100)}")
+                path = os.path.join(args.save_dir, f"{method}{'' if lam is None else f'-{lam[0]}{lam[1]:g}'}-{int(ratio * 100)}")
                 llm.save_pruned(model, path, tokenizer)
                 row["saved_to"] = path
             rows.append(row)

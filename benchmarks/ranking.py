@@ -44,10 +44,10 @@ def kappa_method(kappa: float, bn_flow: Optional[str] = None) -> str:
 
 
 def phase1_methods() -> List[str]:
-    # Ordered so that an interrupted seed still has the most informative rows.
-    first = ["l2", "taylor", kappa_method(1.0), kappa_method(math.inf), kappa_method(10.0), kappa_method(3.0),
-             kappa_method(30.0), kappa_method(0.3), kappa_method(100.0)]
-    return first + [b for b in BASELINES if b not in first]
+    # Interleaved so that an interrupted seed still has the most informative rows.
+    k = kappa_method
+    return ["l2", "taylor", k(1.0), k(math.inf), k(10.0), "lamp", k(3.0), "random", k(30.0), "l1",
+            k(0.3), "uniform", k(100.0)]
 
 
 def read_results(run_dirs: Sequence[str]) -> List[Dict[str, Any]]:
@@ -78,7 +78,8 @@ def choose_kappa(results: List[Dict[str, Any]]) -> Optional[float]:
     return min(k for k, v in scores.items() if v == best)
 
 
-def run_seed(seed: int, common: List[str], resume: bool) -> None:
+def run_seed(seed: int, common: List[str], resume: bool, methods: Optional[List[str]] = None) -> None:
+    """Base model, then phase 1 and phase 2 (or only ``methods``) for one seed, in its run folder."""
     def stage(name: str, *extra: str) -> None:
         argv = [name, "--preset", "ranking", "--seed", str(seed), *common, *extra]
         if resume:
@@ -89,18 +90,32 @@ def run_seed(seed: int, common: List[str], resume: bool) -> None:
 
     stage("train")
     resume = True  # every later stage continues the folder this invocation owns
+    # Fine-tuning at 8x and 16x (cheap, and what the rule reads) comes first for every method; the
+    # costlier 2.5x fine-tuning runs last, so an interrupted seed has the most telling numbers.
+    done = []
+    if methods:  # an explicit list: no phase 2 (e.g. two processes sharing a seed's methods)
+        for method in methods:
+            stage("prune", "--methods", method)
+            stage("finetune", "--methods", method, "--speed-up", "8", "16")
+        for method in methods:
+            stage("finetune", "--methods", method, "--speed-up", "2.5")
+        return
     for method in phase1_methods():
         stage("prune", "--methods", method)
-        stage("finetune", "--methods", method)
-    out = os.path.join("runs", "ranking", f"seed{seed}")
-    kappa = choose_kappa(read_results(sorted(glob.glob(os.path.join("runs", "ranking", "seed*")))) )
+        stage("finetune", "--methods", method, "--speed-up", "8", "16")
+        done.append(method)
+    out = next((common[i + 1] for i, a in enumerate(common) if a == "--out"), os.path.join("runs", "ranking", f"seed{seed}"))
+    kappa = choose_kappa(read_results(sorted(glob.glob(os.path.join("runs", "ranking", "seed*")))))
     if kappa is None or kappa == 0.0:
         print(f"phase 2 skipped: the rule picked {kappa!r} (BatchNorm treatments need a connectivity term)")
-        return
-    print(f"phase 2: BatchNorm treatments at kappa = {kappa:g} (results in {out})")
-    for flow in BN_FLOWS:
-        stage("prune", "--methods", kappa_method(kappa, flow))
-        stage("finetune", "--methods", kappa_method(kappa, flow))
+    else:
+        print(f"phase 2: BatchNorm treatments at kappa = {kappa:g} (results in {out})")
+        for flow in BN_FLOWS:
+            stage("prune", "--methods", kappa_method(kappa, flow))
+            stage("finetune", "--methods", kappa_method(kappa, flow), "--speed-up", "8", "16")
+            done.append(kappa_method(kappa, flow))
+    for method in done:
+        stage("finetune", "--methods", method, "--speed-up", "2.5")
 
 
 # ------------------------------------------------------------------------------------------ summary
@@ -213,6 +228,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--data-dir", default="data", help="Fashion-MNIST location (Debian's package is found too)")
+    parser.add_argument("--methods", nargs="+", help="run only these methods (no phase 2)")
+    parser.add_argument("--out", help="run folder (default: runs/ranking/seed<seed>)")
     parser.add_argument("--summarize", nargs="+", metavar="RUN_DIR", help="tabulate finished run folders")
     parser.add_argument("--output", default=os.path.join("benchmarks", "results", "ranking"))
     args = parser.parse_args(argv)
@@ -222,9 +239,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.seed is None:
         parser.error("give --seed N to run a seed, or --summarize RUN_DIR... to tabulate")
     common = ["--device", args.device, "--data-dir", args.data_dir]
+    if args.out:
+        common += ["--out", args.out]
     if args.threads:
         common += ["--threads", str(args.threads)]
-    run_seed(args.seed, common, args.resume)
+    run_seed(args.seed, common, args.resume, args.methods)
     return 0
 
 
