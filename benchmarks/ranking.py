@@ -51,8 +51,12 @@ def phase1_methods() -> List[str]:
 
 
 def read_results(run_dirs: Sequence[str]) -> List[Dict[str, Any]]:
-    files = sorted(f for d in run_dirs for f in glob.glob(os.path.join(d, "results", "*.json")))
-    return [cifar_pruning.read_json(f) for f in files]
+    """Every result of the run folders, validated; refused when they are not one experiment."""
+    from connect_tp.pipeline.table import check_comparable, comparable_config, read_runs
+
+    results, _ = read_runs(list(run_dirs))
+    check_comparable([(path, comparable_config(r)) for path, r in results])
+    return [r for _, r in results]
 
 
 def rule_score(results: List[Dict[str, Any]], method: str) -> Optional[float]:
@@ -155,15 +159,22 @@ def stage_widths(result: Dict[str, Any]) -> str:
 
 def summarize(run_dirs: Sequence[str], output: str) -> str:
     results = read_results(run_dirs)
-    if not results:
-        raise SystemExit(f"error: no results under {list(run_dirs)}; run a seed first")
-    configs = {(r["preset"], r["iterative_steps"]) for r in results}
-    if len(configs) > 1:
-        raise SystemExit(f"error: the runs mix configurations {sorted(configs)}; summarize one preset at a time")
+    seen = {}
+    for r in results:  # one seed may be split over several folders (parallel halves): no duplicates
+        key = (r["seed"], r["method"], r["target_speed_up"])
+        if key in seen:
+            raise SystemExit(f"error: {r['method']} at {r['target_speed_up']:g}x, seed {r['seed']}, is in two run "
+                             "folders; summarize each copy once")
+        seen[key] = r
     seeds = sorted({r["seed"] for r in results})
     methods = sorted({r["method"] for r in results}, key=lambda m: (not m.startswith("connect"), m))
-    bases = [cifar_pruning.read_json(os.path.join(d, "base.json")) for d in run_dirs
-             if os.path.isfile(os.path.join(d, "base.json"))]
+    bases_by_seed = {}
+    for d in run_dirs:
+        path = os.path.join(d, "base.json")
+        if os.path.isfile(path):
+            base = cifar_pruning.read_json(path)
+            bases_by_seed.setdefault(base["seed"], base)
+    bases = [bases_by_seed[s] for s in sorted(bases_by_seed)]
     env = results[0].get("environment", {})
     lines = [f"Seeds {seeds}; base accuracy {_fmt(_stat([b['acc'] for b in bases]))} % "
              f"(per seed: {', '.join('%.2f' % b['acc'] for b in bases)}). "

@@ -1,0 +1,80 @@
+"""The ranking benchmark's rule for the default kappa and its summary (synthetic results, no training)."""
+import json
+import math
+import os
+
+import pytest
+
+from benchmarks import ranking
+
+
+def result(method, target, acc, seed=0, **extra):
+    return {"preset": "ranking", "dataset": "fashion_mnist", "model": "resnet20", "seed": seed, "method": method,
+            "target_speed_up": target, "speed_up": target, "step": 1, "iterative_steps": 400,
+            "max_pruning_ratio": 1.0, "macs": 1, "params": 1, "base_macs": 2, "base_params": 2, "base_acc": 92.0,
+            "pruned_acc": acc, "pruned_acc_bn_recalibrated": acc, "finetuned_acc": acc,
+            "channels": {"layer1.0.conv1": [16, 8], "layer1.0.conv2": [8, 16]}, "collapsed_layers": [],
+            "dead_channels": {}, "network_disconnected": False, "signal_flow": 1.0, **extra}
+
+
+def grid_results(best_kappa, seeds=(0,)):
+    out = []
+    for seed in seeds:
+        for k in (0.0,) + ranking.KAPPA_GRID:
+            method = "taylor" if k == 0 else ranking.kappa_method(k)
+            acc = 80.0 - (0 if k == best_kappa else 5) - (0.1 if k == math.inf else 0)
+            out += [result(method, t, acc, seed) for t in ranking.RULE_TARGETS]
+    return out
+
+
+def test_rule_picks_the_best_mean_over_8x_and_16x():
+    assert ranking.choose_kappa(grid_results(3.0)) == 3.0
+    assert ranking.choose_kappa(grid_results(0.0)) == 0.0  # Taylor can win
+    assert ranking.choose_kappa(grid_results(math.inf)) == math.inf
+
+
+def test_rule_waits_for_a_complete_grid_and_breaks_ties_toward_smaller_kappa():
+    incomplete = [r for r in grid_results(3.0) if r["method"] != ranking.kappa_method(100.0)]
+    assert ranking.choose_kappa(incomplete) is None
+    tied = [dict(r, finetuned_acc=70.0) for r in grid_results(3.0)]
+    assert ranking.choose_kappa(tied) == 0.0
+
+
+def test_rule_averages_seeds():
+    seed0 = grid_results(1.0, seeds=(0,))
+    seed1 = [dict(r, seed=1, finetuned_acc=r["finetuned_acc"] + (20 if r["method"] == "connect-k10" else 0))
+             for r in grid_results(1.0, seeds=(0,))]
+    assert ranking.choose_kappa(seed0 + seed1) == 10.0
+
+
+def write_run(folder, results, seed=0):
+    os.makedirs(os.path.join(folder, "results"))
+    for i, r in enumerate(results):
+        with open(os.path.join(folder, "results", f"{i}.json"), "w") as f:
+            json.dump(r, f)
+    with open(os.path.join(folder, "base.json"), "w") as f:
+        json.dump({"preset": "ranking", "seed": seed, "dataset": "fashion_mnist", "model": "resnet20",
+                   "epochs": 8, "acc": 92.5, "final_acc": 92.4, "macs": 2, "params": 2}, f)
+
+
+def test_summary_reports_paired_differences_and_the_rule(tmp_path):
+    base_acc = {"l2": 70.0, "taylor": 60.0, "connect-k1": 75.0}
+    rows = []
+    for seed, bump in ((0, 0.0), (1, 2.0)):
+        for m, acc in base_acc.items():
+            extra = 1.0 if m == "connect-k1" and seed == 1 else 0.0
+            rows += [result(m, t, acc + bump + extra, seed) for t in (8.0, 16.0)]
+    write_run(tmp_path / "s0", [r for r in rows if r["seed"] == 0], seed=0)
+    write_run(tmp_path / "s1", [r for r in rows if r["seed"] == 1], seed=1)
+    text = ranking.summarize([str(tmp_path / "s0"), str(tmp_path / "s1")], str(tmp_path / "out"))
+    # connect-k1 minus l2: +5 on seed 0, +6 on seed 1 -> 5.5 ± 0.7
+    assert "| connect-k1 | – | 5.5 ± 0.7 | 5.5 ± 0.7 | – |" in text
+    assert "Kappa chosen by the rule: not yet" in text
+    assert os.path.isfile(tmp_path / "out" / "table.md")
+
+
+def test_summary_refuses_a_method_twice_for_one_seed(tmp_path):
+    write_run(tmp_path / "a", [result("l2", 8.0, 70.0)])
+    write_run(tmp_path / "b", [result("l2", 8.0, 71.0)])
+    with pytest.raises(SystemExit, match="two run folders"):
+        ranking.summarize([str(tmp_path / "a"), str(tmp_path / "b")], str(tmp_path / "out"))
