@@ -11,7 +11,9 @@ peak of live tensor memory replayed from torch.profiler's allocation records; ``
 Usage:
     python -m benchmarks.importance_overhead [--repeats 7] [--n-samples 4] [--device cpu]
 
-Target: time ratio <= 1.15 with the default ``n_samples``.
+Targets (issue 9): step ratio <= 3, whole-iteration ratio <= 1.05, and peak extra memory of the
+step (CoNNect's peak minus Taylor's) <= 2x the model's parameter bytes, with the default
+``n_samples``. Timings on a shared machine drift: run with ``--threads 1`` and report the load.
 """
 from __future__ import annotations
 
@@ -130,20 +132,28 @@ def main(argv=None) -> dict:
     medians = {name: statistics.median(t) for name, t in times.items()}
     iteration_medians = {name: statistics.median(t) for name, t in iterations.items()}
     memory = {name: memory_in_subprocess(name, args.n_samples, args.device) for name in times}
+    param_bytes = sum(p.numel() * p.element_size() for p in resnet56(num_classes=10).parameters())
     result = {
         "model": "resnet56", "device": args.device, "threads": args.threads, "n_samples": args.n_samples,
         "repeats": args.repeats, "median_step_s": medians, "peak_step_memory_bytes": memory,
         "time_ratio": medians["connect"] / medians["taylor"],
         "median_iteration_s": iteration_medians,
         "iteration_time_ratio": iteration_medians["connect"] / iteration_medians["taylor"],
+        "param_bytes": param_bytes,
+        "extra_memory_over_param_bytes": (memory["connect"] - memory["taylor"]) / param_bytes,
+        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
     }
     print(f"ResNet-56 pruner.step() on {args.device}, median of {args.repeats}, n_samples={args.n_samples}")
     for name in times:
         print(f"  {name:8s} {medians[name] * 1e3:8.1f} ms   peak step memory {memory[name] / 2**20:7.1f} MiB")
-    print(f"  time ratio connect / taylor = {result['time_ratio']:.3f}  (target <= 1.15)")
+    print(f"  time ratio connect / taylor = {result['time_ratio']:.3f}  (target <= 3)")
+    print(f"  peak extra memory {(memory['connect'] - memory['taylor']) / 2**20:.1f} MiB = "
+          f"{result['extra_memory_over_param_bytes']:.2f}x the parameter bytes ({param_bytes / 2**20:.1f} MiB; target <= 2)")
     print(f"  whole iteration (backward on {CALIBRATION} calibration images + step): "
           f"taylor {iteration_medians['taylor'] * 1e3:.1f} ms, connect {iteration_medians['connect'] * 1e3:.1f} ms, "
-          f"ratio {result['iteration_time_ratio']:.3f}")
+          f"ratio {result['iteration_time_ratio']:.3f} (target <= 1.05)")
+    if result["load_average"] is not None:
+        print("  load average (1, 5, 15 min): " + ", ".join(f"{x:.2f}" for x in result["load_average"]))
     os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
     tmp = RESULTS + ".tmp"
     with open(tmp, "w") as f:

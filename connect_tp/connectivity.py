@@ -8,9 +8,15 @@ activations, pooling, attention, ...), every parameter is replaced by its absolu
 (``|W|``, ``|b|``, ``|gamma|``, ``|beta|``), and the input is drawn uniformly from [0, 1) (uniform
 token ids for language models), averaged over a few samples.
 
-The real parameters are never modified: the absolute values are substituted through
-:func:`torch.func.functional_call`, so ``log_connectivity`` is differentiable with respect to the
-model's own parameters and never touches their ``.grad``.
+The real parameters are never modified: the absolute values are substituted in the pass of
+:mod:`connect_tp.engine` (a ``torch.fx`` trace with a per-layer log scale, exact in float32) or, for
+models that cannot be traced, through :func:`torch.func.functional_call`, so ``log_connectivity``
+is differentiable with respect to the model's own parameters and never touches their ``.grad``.
+
+Only the data inputs are random (:func:`connectivity_inputs`); masks, token types and other side
+inputs keep valid values. The output summed is the logits (:func:`output_tensor`); an output
+that a normalization centres gives a :class:`ConnectivityError` naming that layer
+(:func:`describe_output_layer`).
 
 Example:
     >>> import torch
@@ -32,6 +38,9 @@ __all__ = [
     "BN_FLOWS",
     "ConnectivityError",
     "connectivity_inputs",
+    "describe_inputs",
+    "describe_output_layer",
+    "output_tensor",
     "log_connectivity",
     "log_connectivity_and_dtype",
     "summed_output",
@@ -39,7 +48,12 @@ __all__ = [
 
 
 class ConnectivityError(ValueError):
-    """Raised when the connectivity of a network is zero, negative or not finite."""
+    """Raised when the connectivity of a network is zero, negative, centred or not finite."""
+
+
+#: An output whose entries sum to less than this fraction of their absolute sum is centred (e.g. a
+#: final LayerNorm without affine): its phi_tot is rounding noise.
+CENTRED_TOLERANCE = 1e-4
 
 
 BN_FLOWS = ("stats", "gamma", "identity")
@@ -95,6 +109,57 @@ def _vocab_size(model: nn.Module) -> int:
     )
 
 
+#: Keys of dict inputs that hold the token ids (randomized over the vocabulary).
+TOKEN_ID_KEYS = ("input_ids", "decoder_input_ids")
+
+
+def _side_input_rule(key: Optional[str]) -> Optional[str]:
+    """How a named model input that is not the token ids keeps a valid value.
+
+    ``"ones"`` for masks (``attention_mask``, ``decoder_attention_mask``, ...: nothing is padding),
+    ``"zeros"`` for ``token_type_ids`` (every token in the first segment), ``None`` for anything
+    else (the value is decided by its dtype, see :func:`connectivity_inputs`).
+    """
+    if key is None:
+        return None
+    name = key.lower()
+    if "mask" in name:
+        return "ones"
+    if name == "token_type_ids" or name.endswith("token_type_ids"):
+        return "zeros"
+    return None
+
+
+def _is_token_ids(x: Any) -> bool:
+    """An integer tensor that can hold token ids: not bool, and not uint8 (that is an image)."""
+    return (isinstance(x, torch.Tensor) and not x.is_floating_point() and not x.is_complex()
+            and x.dtype not in (torch.bool, torch.uint8))
+
+
+def _token_id_path(example_inputs: Any) -> Optional[tuple]:
+    """Where the token ids sit in ``example_inputs``: a key path, or ``None`` if there are none.
+
+    A dict's ``input_ids`` (or ``decoder_input_ids``) if present, else its first integer tensor
+    whose key is not a side input (mask, token types); in a tuple or list, the first integer
+    tensor; a lone integer tensor is the token ids itself.
+    """
+    if _is_token_ids(example_inputs):
+        return ()
+    if isinstance(example_inputs, Mapping):
+        for key in TOKEN_ID_KEYS:
+            if _is_token_ids(example_inputs.get(key)):
+                return (key,)
+        for key, value in example_inputs.items():
+            if _is_token_ids(value) and _side_input_rule(key) is None and "position" not in str(key).lower():
+                return (key,)
+        return None
+    if isinstance(example_inputs, (tuple, list)):
+        for i, value in enumerate(example_inputs):
+            if _is_token_ids(value):
+                return (i,)
+    return None
+
+
 def connectivity_inputs(
     model: nn.Module,
     example_inputs: Any,
@@ -103,12 +168,17 @@ def connectivity_inputs(
 ) -> Any:
     """Random inputs with the structure of ``example_inputs`` and a batch of ``n_samples``.
 
-    Floating-point tensors become uniform samples from [0, 1); integer tensors become token ids
-    uniform over the model's vocabulary; anything else (flags, ``None``) is passed through. The
-    first dimension of every tensor is taken as the batch dimension.
+    Only the model's data inputs are random: floating-point tensors become uniform samples from
+    [0, 1), ``uint8`` tensors (images) uniform integers in 0..255, and the one token-id input
+    (a dict's ``input_ids``, else the first integer tensor) token ids uniform over the model's
+    vocabulary. Every other input keeps a valid value: dict entries named like a mask
+    (``attention_mask``, ...) are all ones, ``token_type_ids`` all zeros, and other integer or
+    bool side inputs (``position_ids``, flags) keep the example's first sample. Anything that is
+    not a tensor (``None``, numbers) is passed through. The first dimension of every tensor is the
+    batch dimension; the random draws are made in this order, from ``generator``.
 
     Args:
-        model: the model the inputs are for (used for the vocabulary size of integer inputs).
+        model: the model the inputs are for (used for the vocabulary size of token ids).
         example_inputs: a tensor, or a tuple/list/dict of tensors, as passed to the model.
         n_samples: the batch size of the returned inputs.
         generator: an optional CPU random generator, for reproducible inputs.
@@ -116,48 +186,71 @@ def connectivity_inputs(
     Returns:
         The same structure as ``example_inputs``, on the same devices.
     """
+    token_path = _token_id_path(example_inputs)
 
-    def draw(x: Any) -> Any:
+    def batch_shape(x: torch.Tensor) -> tuple:
+        return (n_samples,) + tuple(x.shape[1:]) if x.dim() > 0 else ()
+
+    def keep(x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 0:
+            return x
+        return x[:1].expand(batch_shape(x)).clone()
+
+    def draw(x: Any, path: tuple, key: Optional[str]) -> Any:
         if isinstance(x, torch.Tensor):
-            shape = (n_samples,) + tuple(x.shape[1:]) if x.dim() > 0 else ()
+            rule = _side_input_rule(key)
+            if rule == "ones":
+                return torch.ones(batch_shape(x), dtype=x.dtype, device=x.device)
+            if rule == "zeros":
+                return torch.zeros(batch_shape(x), dtype=x.dtype, device=x.device)
+            shape = batch_shape(x)
             if x.is_floating_point():
                 return torch.rand(shape, generator=generator).to(device=x.device, dtype=x.dtype)
-            if x.dtype == torch.bool:
-                return x
-            high = _vocab_size(model)
-            return torch.randint(0, high, shape, generator=generator).to(device=x.device, dtype=x.dtype)
+            if x.dtype == torch.uint8:
+                return torch.randint(0, 256, shape, generator=generator).to(device=x.device, dtype=x.dtype)
+            if path == token_path:
+                high = _vocab_size(model)
+                return torch.randint(0, high, shape, generator=generator).to(device=x.device, dtype=x.dtype)
+            return keep(x)
         if isinstance(x, Mapping):
-            return {k: draw(v) for k, v in x.items()}
+            return {k: draw(v, path + (k,), str(k)) for k, v in x.items()}
         if isinstance(x, (tuple, list)):
-            return type(x)(draw(v) for v in x)
+            return type(x)(draw(v, path + (i,), None) for i, v in enumerate(x))
         return x
 
-    return draw(example_inputs)
+    return draw(example_inputs, (), None)
 
 
-def summed_output(output: Any) -> torch.Tensor:
-    """Sum of a model's output per sample, as a float64 vector of length batch.
+def output_tensor(output: Any) -> torch.Tensor:
+    """The tensor of a model's output that connectivity sums: the logits.
 
-    Accepts a tensor, a Hugging Face ``ModelOutput`` (its ``logits``), a dict, or a tuple/list
-    (its first tensor: the usual place of the logits).
+    Accepts a tensor, a Hugging Face ``ModelOutput`` or dict (its ``logits``, else its first
+    batched tensor: a 0-dim ``loss`` is skipped), or a tuple/list (its first batched tensor: the
+    usual place of the logits, also after a leading loss).
     """
+    tensor = None
     if isinstance(output, torch.Tensor):
         tensor = output
-    elif hasattr(output, "logits") and isinstance(output.logits, torch.Tensor):
+    elif isinstance(getattr(output, "logits", None), torch.Tensor):
         tensor = output.logits
     elif isinstance(output, Mapping):
-        tensor = next((v for v in output.values() if isinstance(v, torch.Tensor)), None)
+        logits = output.get("logits")
+        tensor = logits if isinstance(logits, torch.Tensor) else \
+            next((v for v in output.values() if isinstance(v, torch.Tensor) and v.dim() > 0), None)
     elif isinstance(output, (tuple, list)):
-        tensor = next((v for v in output if isinstance(v, torch.Tensor)), None)
-    else:
-        tensor = None
+        tensor = next((v for v in output if isinstance(v, torch.Tensor) and v.dim() > 0), None)
     if tensor is None or tensor.dim() == 0:
         raise TypeError(
             f"cannot measure connectivity of a model whose output is {type(output).__name__}; "
             "it must return a batched tensor, a tuple/dict holding one, or an object with .logits"
         )
+    return tensor
+
+
+def summed_output(output: Any) -> torch.Tensor:
+    """Sum of a model's output per sample (:func:`output_tensor`), as a float64 vector of length batch."""
     # Summing in float64 keeps the total finite when a low-precision output is large.
-    return tensor.double().flatten(1).sum(1)
+    return output_tensor(output).double().flatten(1).sum(1)
 
 
 def _call(model: nn.Module, params: Dict[str, torch.Tensor], inputs: Any) -> Any:
@@ -184,17 +277,153 @@ class _EvalMode:
             module.training = training
 
 
-def _measure(model: nn.Module, params: Mapping[str, torch.Tensor], inputs: Any,
-             dtype: Optional[torch.dtype], bn_flow: str = "stats") -> torch.Tensor:
-    """phi_tot with absolute parameters, optionally with parameters, buffers and inputs cast."""
+def _abs_call(model: nn.Module, params: Mapping[str, torch.Tensor], inputs: Any,
+              dtype: Optional[torch.dtype], bn_flow: str = "stats") -> Any:
+    """The model's raw output with absolute parameters (and ``bn_flow``), optionally cast to ``dtype``."""
     abs_params = {name: p.abs() for name, p in params.items()}
     abs_params.update(bn_flow_overrides(model, bn_flow, abs_params))
     if dtype is not None:
         buffers = {name: b for name, b in model.named_buffers() if b.is_floating_point()}
         abs_params = {name: t.to(dtype) for name, t in {**buffers, **abs_params}.items()}
         inputs = _cast_floats(inputs, dtype)
-    with _EvalMode(model):
-        return summed_output(_call(model, abs_params, inputs)).mean()
+    with _EvalMode(model), _explained_input_errors(inputs):
+        return _call(model, abs_params, inputs)
+
+
+def describe_inputs(inputs: Any, where: str = "") -> List[str]:
+    """``["input_ids: shape (4, 16), torch.int64", ...]`` for every tensor in a nested input."""
+    if isinstance(inputs, torch.Tensor):
+        return [f"{where or 'input'}: shape {tuple(inputs.shape)}, {inputs.dtype}"]
+    if isinstance(inputs, Mapping):
+        return [d for k, v in inputs.items() for d in describe_inputs(v, f"{where}{k}")]
+    if isinstance(inputs, (tuple, list)):
+        return [d for i, v in enumerate(inputs) for d in describe_inputs(v, f"{where}[{i}]")]
+    return []
+
+
+class _explained_input_errors:
+    """Re-raise a failure of the model's forward on the connectivity inputs with those inputs named."""
+
+    def __init__(self, inputs: Any):
+        self.inputs = inputs
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind, exc, tb) -> bool:
+        from .engine import NeedsFallback
+
+        if exc is None or isinstance(exc, (NeedsFallback, ConnectivityError)) or \
+                not isinstance(exc, (RuntimeError, IndexError, ValueError)):
+            return False
+        described = "; ".join(describe_inputs(self.inputs)) or repr(self.inputs)
+        raise ValueError(
+            f"the model failed on the connectivity inputs ({described}), built from example_inputs with "
+            f"the batch dimension replaced by n_samples: {type(exc).__name__}: {exc}. Pass example_inputs "
+            "shaped like one input of the model (batch dimension first), e.g. the pruner's example input."
+        ) from exc
+
+
+def _measure(model: nn.Module, params: Mapping[str, torch.Tensor], inputs: Any,
+             dtype: Optional[torch.dtype], bn_flow: str = "stats") -> Tuple[torch.Tensor, float]:
+    """phi_tot with absolute parameters, and the mean over samples of the summed |output| (detached)."""
+    out = output_tensor(_abs_call(model, params, inputs, dtype, bn_flow)).double().flatten(1)
+    return out.sum(1).mean(), float(out.detach().abs().sum(1).mean())
+
+
+def _measure_traced(model: nn.Module, params: Mapping[str, torch.Tensor], inputs: Any,
+                    bn_flow: str) -> Optional[Tuple[torch.Tensor, float, float]]:
+    """:func:`_measure` through the engine's traced pass: ``(phi / e^s, magnitude / e^s, s)``, or
+    ``None`` when the model needs the traced-free path (untraceable, or not exactly representable)."""
+    from . import engine  # the engine knows nothing of this module; imported here to keep it that way
+
+    if engine.traced_graph(model) is None:
+        return None
+    try:
+        with _EvalMode(model), _explained_input_errors(inputs):
+            out, _ = engine.run_traced(model, inputs, params, "signal", bn_flow)
+    except engine.NeedsFallback:
+        return None
+    plain = engine._map(out, lambda o: o.value if isinstance(o, engine.Scaled) else o)
+    tensor = output_tensor(plain)
+    found = [o for o in _flatten(out) if isinstance(o, engine.Scaled) and o.value is tensor]
+    log_scale = found[0].log_scale if found else 0.0
+    flat = tensor.double().flatten(1)
+    return flat.sum(1).mean(), float(flat.detach().abs().sum(1).mean()), log_scale
+
+
+def _flatten(obj: Any) -> List[Any]:
+    if isinstance(obj, (tuple, list)):
+        return [x for o in obj for x in _flatten(o)]
+    if isinstance(obj, Mapping):
+        return [x for o in obj.values() for x in _flatten(o)]
+    return [obj]
+
+
+#: Operations that only move or relabel values; the layer that produced an output is the last
+#: operation not in this list.
+_BOOKKEEPING_OPS = frozenset({
+    "__get__", "__getitem__", "__len__", "__iter__", "size", "dim", "numel", "shape", "dtype", "device",
+    "view", "reshape", "flatten", "contiguous", "permute", "transpose", "squeeze", "unsqueeze", "t",
+    "float", "double", "half", "bfloat16", "to", "type_as", "clone", "detach", "expand", "unbind",
+    "split", "chunk", "is_floating_point", "requires_grad_", "__setstate__", "__format__",
+})
+
+
+def describe_output_layer(model: nn.Module, example_inputs: Any) -> str:
+    """Which layer produces ``model``'s output: the last module or function that changed values.
+
+    Runs the model once on ``example_inputs`` (no gradients) and names the last leaf module that
+    computed something (``"'ln_f' (LayerNorm without affine)"``) or, when the last computation ran
+    outside any submodule, the function (``"the function softmax in Net.forward"``). Used in
+    error messages for models whose output is normalized, which makes connectivity meaningless.
+    """
+    from torch.overrides import TorchFunctionMode
+
+    names = {m: n for n, m in model.named_modules()}
+    stack: List[nn.Module] = []
+    last: Dict[str, Any] = {"op": None, "module": None}
+
+    class Recorder(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            name = getattr(func, "__name__", str(func))
+            if isinstance(out, torch.Tensor) and name not in _BOOKKEEPING_OPS:
+                last["op"], last["module"] = name, (stack[-1] if stack else None)
+            return out
+
+    def enter(module, args):
+        stack.append(module)
+
+    def leave(module, args, output):
+        if stack:
+            stack.pop()
+
+    handles = [nn.modules.module.register_module_forward_pre_hook(enter),
+               nn.modules.module.register_module_forward_hook(leave)]
+    try:
+        with torch.no_grad(), _EvalMode(model), Recorder():
+            _call(model, dict(model.named_parameters()), example_inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    module = last["module"]
+    if module is not None and module is not model:
+        detail = type(module).__name__
+        if isinstance(module, nn.LayerNorm) and not module.elementwise_affine:
+            detail += " without affine"
+        elif isinstance(module, (nn.GroupNorm, nn.modules.instancenorm._InstanceNorm)) and not module.affine:
+            detail += " without affine"
+        return f"{names.get(module, '?')!r} ({detail})"
+    return f"the function {last['op']} in {type(model).__name__}.forward"
+
+
+def _check_not_meta(params: Mapping[str, torch.Tensor]) -> None:
+    for name, p in params.items():
+        if p.device.type == "meta":
+            raise ValueError(
+                f"cannot measure connectivity of a model on the meta device (parameter {name!r} has no "
+                "data): materialize its weights first (e.g. model.to_empty(device=...) and load a state dict)")
 
 
 def _cast_floats(x: Any, dtype: torch.dtype) -> Any:
@@ -232,10 +461,14 @@ def log_connectivity(
     phi_tot is the mean over ``n_samples`` random inputs of the summed model output, with every
     parameter replaced by its absolute value and the model in eval mode (restored afterwards).
 
-    The signal of a deep network with absolute weights grows geometrically with depth (ResNet-56
-    at initialization overflows float32). When the model's own precision overflows (or underflows
-    to 0), the measurement is repeated in float32 (for half-precision models) and then in float64,
-    whose range covers networks hundreds of layers deep. Pass ``dtype`` to skip the attempts.
+    The signal of a deep network with absolute weights grows or shrinks geometrically with depth
+    (ResNet-56 at initialization overflows float32, a deep MLP with small weights underflows it).
+    Models that ``torch.fx`` can trace are measured by :mod:`connect_tp.engine`, which carries a
+    per-layer log scale and is exact in the model's own precision at any depth. Other models
+    (Hugging Face language models) take the traced-free ``functional_call`` path: when the model's
+    own precision overflows (or underflows to 0) the measurement is repeated in float32 (for
+    half-precision models) and then in float64. Pass ``dtype`` to use the traced-free path in that
+    precision directly.
 
     Args:
         model: any ``nn.Module``.
@@ -283,12 +516,27 @@ def log_connectivity_and_dtype(
     generator = None
     if seed is not None:
         generator = torch.Generator().manual_seed(seed)
+    _check_not_meta(params)
     inputs = connectivity_inputs(model, example_inputs, n_samples, generator)
-    for attempt in ([dtype] if dtype is not None else _fallback_dtypes(params)):
-        phi = _measure(model, params, inputs, attempt, bn_flow)
-        value = phi.item()
-        if math.isfinite(value) and value != 0.0:
-            break
+    traced = _measure_traced(model, params, inputs, bn_flow) if dtype is None else None
+    if traced is not None:
+        phi, magnitude, log_scale = traced
+        value, attempt = phi.item(), None
+    else:
+        log_scale = 0.0
+        for attempt in ([dtype] if dtype is not None else _fallback_dtypes(params)):
+            phi, magnitude = _measure(model, params, inputs, attempt, bn_flow)
+            value = phi.item()
+            if math.isfinite(value) and value != 0.0:
+                break
+    if math.isfinite(value) and magnitude > 0 and abs(value) <= CENTRED_TOLERANCE * magnitude:
+        raise ConnectivityError(
+            f"the model's output is centred: its entries sum to {value:.3g} per sample against a magnitude "
+            f"of {magnitude:.3g}, whatever the weights. Its last layer is "
+            f"{describe_output_layer(model, inputs)}, which normalizes the signal away, so phi_tot and its "
+            "gradients carry no information. Measure connectivity on an output that is not normalized "
+            "(e.g. wrap the model to return the values before that layer)."
+        )
     if not math.isfinite(value):
         raise ConnectivityError(
             f"connectivity is not finite ({value}) even in float64: the signal of the "
@@ -304,4 +552,4 @@ def log_connectivity_and_dtype(
             f"connectivity is negative ({value:.3g}): a module subtracts from the signal "
             "(e.g. BatchNorm running means or LayerNorm centering dominate), so log phi_tot is undefined."
         )
-    return torch.log(phi), attempt
+    return torch.log(phi) + log_scale, attempt

@@ -42,7 +42,7 @@ import torch.nn as nn
 import torch_pruning as tp
 from torch_pruning.pruner import function
 
-from .connectivity import BN_FLOWS, log_connectivity_and_dtype
+from .connectivity import BN_FLOWS, connectivity_inputs, describe_output_layer, log_connectivity_and_dtype
 
 __all__ = ["ConnectImportance", "DEFAULT_BALANCE", "DEFAULT_BN_FLOW", "MAX_LAMBDA"]
 
@@ -58,6 +58,9 @@ DEFAULT_BN_FLOW = "stats"
 #: above the point where the loss term no longer changes any decision (use ``balance=math.inf``).
 MAX_LAMBDA = 1e12
 
+#: Below this ``sum |W * d log phi / dW|`` the connectivity is taken as independent of the weights.
+_FLAT_CONNECTIVITY = 1e-6
+
 _REDUCTIONS = ("sum", "mean", "max", "prod", "first", "gate", None)
 _NORMALIZERS = ("sum", "standarization", "mean", "max", "gaussian", "lamp", None)
 
@@ -70,19 +73,27 @@ _NORM_FNS = (
 )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class _TensorSpec:
-    """Shape (beyond the batch dimension), dtype and device of one recorded input tensor."""
+    """Shape (beyond the batch dimension), dtype and device of one recorded input tensor.
+
+    Integer and bool tensors (token ids, masks, position ids) also keep their first sample, so
+    side inputs are replayed with valid values; floating-point activations are never kept.
+    """
 
     shape: Tuple[int, ...]
     dtype: torch.dtype
     device: torch.device
+    first: Optional[torch.Tensor] = None
 
     @classmethod
     def of(cls, x: Any) -> Any:
         """Replace every tensor in a nested input by its spec, so no activation stays alive."""
         if isinstance(x, torch.Tensor):
-            return cls(tuple(x.shape[1:]), x.dtype, x.device)
+            first = None
+            if not x.is_floating_point() and not x.is_complex() and x.dim() > 0:
+                first = x[:1].detach().clone()
+            return cls(tuple(x.shape[1:]), x.dtype, x.device, first)
         if isinstance(x, dict):
             return {k: cls.of(v) for k, v in x.items()}
         if isinstance(x, (tuple, list)):
@@ -102,8 +113,10 @@ class _TensorSpec:
 
     @classmethod
     def materialize(cls, x: Any) -> Any:
-        """Inverse of :meth:`of`: one-sample zero tensors (only their structure is used)."""
+        """Inverse of :meth:`of`: one-sample tensors (zeros for floats, the kept sample otherwise)."""
         if isinstance(x, cls):
+            if x.first is not None:
+                return x.first.clone()
             return torch.zeros((1,) + x.shape, dtype=x.dtype, device=x.device)
         if isinstance(x, dict):
             return {k: cls.materialize(v) for k, v in x.items()}
@@ -153,6 +166,52 @@ class _InputRecorder:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+
+
+# Autograd nodes that save the tensor they were applied to, and where that tensor's edge sits in
+# next_functions: when the edge is empty the tensor needed no gradient, i.e. it came from outside the
+# model (its input, or a transformation of it that keeps its shape).
+_SAVED_INPUTS = {
+    "ConvolutionBackward0": ("_saved_input", 0),
+    "AddmmBackward0": ("_saved_mat1", 1),
+    "MmBackward0": ("_saved_self", 0),
+    "EmbeddingBackward0": ("_saved_indices", None),
+}
+
+
+def _inputs_from_graph(graph: Any) -> Optional[Any]:
+    """The model input a Torch-Pruning ``DependencyGraph`` was traced with, if it can be told for sure.
+
+    The graph keeps the autograd nodes of its trace, and a convolution, linear layer or embedding
+    applied directly to the input saves that input. The input is recovered only when the trace
+    shows exactly one such tensor (by storage) that is not a parameter or buffer of the model;
+    models with several inputs, or whose first layers see only tensors computed inside
+    ``forward``, give ``None``.
+    """
+    model = getattr(graph, "model", None)
+    nodes = getattr(graph, "module2node", None)
+    if model is None or not nodes:
+        return None
+    owned = {t.data_ptr() for t in list(model.parameters()) + list(model.buffers())}
+    found: Dict[Tuple[int, Tuple[int, ...]], torch.Tensor] = {}
+    for node in nodes.values():
+        grad_fn = getattr(node, "grad_fn", None)
+        rule = _SAVED_INPUTS.get(type(grad_fn).__name__)
+        if rule is None:
+            continue
+        attr, edge = rule
+        try:
+            if edge is not None and grad_fn.next_functions[edge][0] is not None:
+                continue  # the layer's input is an activation of the model, not its input
+            saved = getattr(grad_fn, attr)
+        except (RuntimeError, AttributeError, IndexError):  # freed by a backward through the trace
+            continue
+        if not isinstance(saved, torch.Tensor) or saved.dim() == 0 or saved.data_ptr() in owned:
+            continue
+        found[(saved.data_ptr(), tuple(saved.shape))] = saved
+    if len(found) != 1:
+        return None
+    return _TensorSpec.of_batch(next(iter(found.values())))
 
 
 def _is_number(x: Any) -> bool:
@@ -238,8 +297,11 @@ class ConnectImportance(tp.importance.TaylorImportance):
     ``log phi_tot`` is the signal-flow connectivity (:func:`connect_tp.connectivity.log_connectivity`):
     the model in eval mode with ``|W|``, ``|b|`` and absolute norm affine parameters, BatchNorm as
     ``bn_flow`` says, fed ``n_samples`` inputs uniform in [0, 1) (token ids uniform over the
-    vocabulary for integer inputs). Its gradient is computed once per pruning step (whenever the
-    model's parameters or buffers changed) and kept out of ``.grad``.
+    vocabulary; masks and other side inputs keep valid values), measured by
+    :mod:`connect_tp.engine` in the model's own precision. Its gradient is computed once per
+    pruning step (whenever the model's parameters or buffers changed; :meth:`_refresh` says when
+    that is checked) and kept out of ``.grad``. An importance built after the pruner traced the
+    model reads the input from the group's dependency graph when it shows a single model input.
 
     Example:
         >>> imp = ConnectImportance()                     # balance=1: both terms weigh the same
@@ -324,8 +386,13 @@ class ConnectImportance(tp.importance.TaylorImportance):
         self._recorder = _InputRecorder() if example_inputs is None and self.lam != 0 else None
         self._cache_key: Optional[tuple] = None
         self._connectivity_grads: Dict[int, torch.Tensor] = {}
+        self._cached_params: Dict[int, "weakref.ref[torch.Tensor]"] = {}
+        self._sweep_model: Optional[nn.Module] = None
+        self._sweep_roots: set = set()
+        self._sweep_params: List[torch.Tensor] = []
         self._use_loss = True
         self._warned_data_free = False
+        self._warned_flat = False
         self.last_log_connectivity: Optional[float] = None
         #: How many times the connectivity gradient was computed (once per pruning step).
         self.connectivity_evaluations = 0
@@ -342,6 +409,8 @@ class ConnectImportance(tp.importance.TaylorImportance):
             self.lam = _lam_of_endpoint(self.balance)
         self._cache_key = None
         self._connectivity_grads = {}
+        self._cached_params = {}
+        self._sweep_model, self._sweep_roots = None, set()
 
     @property
     def data_free(self) -> bool:
@@ -349,42 +418,94 @@ class ConnectImportance(tp.importance.TaylorImportance):
         return not self._use_loss
 
     # ------------------------------------------------------------------ connectivity gradients
-    def _inputs_for(self, model: nn.Module) -> Any:
+    def _inputs_for(self, model: nn.Module, graph: Any = None) -> Any:
         if self.example_inputs is not None:
             inputs = self.example_inputs
         else:
             recorded = self._recorder.inputs.get(model) if self._recorder is not None else None
-            if recorded is None:
-                raise ValueError(
-                    "ConnectImportance cannot tell the model's input shape: it was not built before the "
-                    "pruner traced the model. Pass it explicitly: ConnectImportance(example_inputs=...)."
-                )
-            inputs = _TensorSpec.materialize(recorded)
+            if recorded is not None:
+                inputs = _TensorSpec.materialize(recorded)
+            else:
+                inputs = _inputs_from_graph(graph)
+                if inputs is None:
+                    raise ValueError(
+                        "ConnectImportance cannot tell the model's input shape: it was not built before the "
+                        "pruner traced the model, and the group's dependency graph does not show a single "
+                        "model input. Pass it explicitly: ConnectImportance(example_inputs=...)."
+                    )
         return _follow_model(inputs, model)
 
     @staticmethod
-    def _state_key(model: nn.Module) -> tuple:
-        """What the connectivity gradient depends on: every parameter's and buffer's identity and values.
+    def _state_key(model: nn.Module) -> Tuple[tuple, bool]:
+        """What the connectivity gradient depends on, and whether every value is finite.
 
-        Pruning replaces parameters (new objects, new shapes) and optimizer steps bump ``_version``,
-        but edits through ``.data`` and BatchNorm re-estimation do neither, so the values enter the
-        key too, as two float64 sums per tensor computed on the tensor's device in one transfer.
+        The key holds every parameter's and floating-point buffer's identity, version, shape,
+        dtype and device, and two value fingerprints per tensor (its sum and its L1 norm). Pruning
+        replaces parameters and optimizer steps bump ``_version``, but edits through ``.data`` and
+        BatchNorm re-estimation do neither, so the values enter the key too; the L1 norms are
+        computed with one multi-tensor kernel per dtype and double as the finiteness check.
         """
-        tensors = [t for _, t in model.named_parameters()] + [b for _, b in model.named_buffers()
-                                                               if b.is_floating_point()]
+        tensors = list(model.parameters()) + [b for b in model.buffers() if b.is_floating_point()]
         ident = tuple((id(t), t._version, tuple(t.shape), t.dtype, str(t.device)) for t in tensors)
-        sums = []
+        tensors = [t.detach() for t in tensors]
+        if not tensors:
+            return ident, True
+        by_kind: Dict[Tuple[torch.dtype, torch.device], List[torch.Tensor]] = {}
+        for t in tensors:
+            by_kind.setdefault((t.dtype, t.device), []).append(t)
+        parts = []
         with torch.no_grad():
-            for t in tensors:
-                d = t.detach()
-                sums.append(torch.stack([d.sum(dtype=torch.float64), d.abs().sum(dtype=torch.float64)]).cpu())
-        values = tuple(torch.cat(sums).tolist()) if sums else ()
-        return ident + values
+            for group in by_kind.values():
+                parts += [n.reshape(1).to(torch.float64, copy=False) for n in torch._foreach_norm(group, 1)]
+                parts += [t.sum().reshape(1).to(torch.float64) for t in group]
+        values = torch.cat([p.cpu() for p in parts]).tolist()
+        return ident + tuple(values), all(math.isfinite(v) for v in values)
 
-    def _refresh(self, model: nn.Module) -> None:
-        """Decide whether this step uses the loss, and recompute d log phi_tot / dW if the model changed."""
-        params = dict(model.named_parameters())
-        has_grad = any(p.grad is not None for p in params.values())
+    @staticmethod
+    def _sweep_root(group) -> Optional[tuple]:
+        """The layer and pruning function a group is rooted at (Torch-Pruning asks for each once per step)."""
+        try:
+            dep, _ = next(iter(group))
+        except (StopIteration, TypeError, ValueError):
+            return None
+        return (id(dep.target.module), dep.handler)
+
+    def _is_cached(self, group) -> bool:
+        """Whether the cached connectivity gradients still belong to the parameters this group scores."""
+        if self.lam == 0:
+            return True
+        for dep, _ in group:
+            layer = dep.target.module
+            for p in (getattr(layer, "weight", None), getattr(layer, "bias", None)):
+                if isinstance(p, nn.Parameter) and p.requires_grad:
+                    ref = self._cached_params.get(id(p))
+                    if ref is None or ref() is not p:
+                        return False
+        return True
+
+    def _refresh(self, model: nn.Module, graph: Any = None, group: Any = None) -> None:
+        """Decide whether this call uses the loss; make sure d log phi_tot / dW is that of the model now.
+
+        Torch-Pruning scores every group once per pruning step (a *sweep*) and changes the model only
+        between steps (global pruning) or right after scoring a group (local pruning, which replaces
+        that group's parameters). The model's state is therefore fingerprinted (and the gradient
+        recomputed if it changed) at the first call of each sweep, that is whenever a group's root is
+        scored a second time or a group's parameters are not those the cache was computed for; the
+        other calls of the sweep only decide, per call, whether loss gradients exist.
+        """
+        root = self._sweep_root(group) if group is not None else None
+        new_sweep = (model is not self._sweep_model or root is None or root in self._sweep_roots
+                     or not self._is_cached(group))
+        if new_sweep:
+            self._full_refresh(model, graph)
+            self._sweep_model, self._sweep_roots = model, set()
+        else:
+            self._decide_loss(self._sweep_params)
+        if root is not None:
+            self._sweep_roots.add(root)
+
+    def _decide_loss(self, params: Sequence[torch.Tensor]) -> None:
+        has_grad = any(p.grad is not None for p in params)
         self._use_loss = self.balance != math.inf and has_grad
         if not has_grad and self.lam == 0:
             raise RuntimeError(
@@ -401,21 +522,30 @@ class ConnectImportance(tp.importance.TaylorImportance):
             warnings.warn(
                 "ConnectImportance found no .grad on the model: scoring with the connectivity term "
                 "alone (data-free CoNNect). Run loss.backward() before pruner.step() to include the loss.",
-                stacklevel=3,
+                stacklevel=5,
             )
             self._warned_data_free = True
-        _check_finite(params)
+
+    def _full_refresh(self, model: nn.Module, graph: Any = None) -> None:
+        params = dict(model.named_parameters())
+        self._sweep_params = list(params.values())
+        self._decide_loss(self._sweep_params)
+        key, finite = self._state_key(model)
+        if not finite:
+            _check_finite(params)
         if self.lam == 0:
             return
-        key = self._state_key(model)
         if key != self._cache_key:
-            self._connectivity_grads = self._connectivity_gradients(model, params)
+            self._connectivity_grads, self._cached_params = {}, {}  # free the stale ones first
+            self._connectivity_grads = self._connectivity_gradients(model, params, graph)
+            self._cached_params = {id(p): weakref.ref(p) for p in params.values()}
             self._cache_key = key
         if self.lam is None:  # a finite balance resolves to lambda at the first step, then stays
             self.lam = self._resolve_lambda(model)
 
-    def _connectivity_gradients(self, model: nn.Module, params: Dict[str, torch.Tensor]) -> Dict[int, torch.Tensor]:
-        inputs = self._inputs_for(model)
+    def _connectivity_gradients(self, model: nn.Module, params: Dict[str, torch.Tensor],
+                                graph: Any = None) -> Dict[int, torch.Tensor]:
+        inputs = self._inputs_for(model, graph)
         if self._recorder is not None:
             # The input structure is known now; stop watching every forward pass.
             self.example_inputs = _TensorSpec.of_batch(inputs)
@@ -430,9 +560,35 @@ class ConnectImportance(tp.importance.TaylorImportance):
             grads = torch.autograd.grad(log_phi, list(leaves.values()), allow_unused=True)
         self.last_log_connectivity = log_phi.item()
         self.connectivity_evaluations += 1
+        self._check_depends_on_weights(model, inputs, names, params, grads)
         # Kept in float32 at least: a half-precision copy would round the small gradients that lam multiplies.
         return {id(params[n]): g.to(torch.promote_types(params[n].dtype, torch.float32))
                 for n, g in zip(names, grads) if g is not None}
+
+    def _check_depends_on_weights(self, model: nn.Module, inputs: Any, names: List[str],
+                                  params: Dict[str, torch.Tensor], grads: Sequence[Optional[torch.Tensor]]) -> None:
+        """Warn when log phi_tot does not depend on the weights' magnitudes (a normalized output).
+
+        ``sum |W * d log phi / dW|`` is about the number of layers on a path for any network whose
+        output grows with its weights; it is 0 (up to rounding) when the last layer normalizes the
+        output, e.g. a softmax (phi_tot is then the number of rows, a constant).
+        """
+        mass = sum(float((params[n].detach() * g).abs().sum(dtype=torch.float64))
+                   for n, g in zip(names, grads) if g is not None)
+        if mass > _FLAT_CONNECTIVITY or self._warned_flat:
+            return
+        self._warned_flat = True
+        try:
+            layer = describe_output_layer(model, connectivity_inputs(model, inputs, 1, torch.Generator().manual_seed(0)))
+        except Exception:  # the description is a courtesy: never fail the step over it
+            layer = "its last layer"
+        warnings.warn(
+            f"ConnectImportance: log phi_tot does not depend on the weights (sum |W * dlogphi/dW| = {mass:.2g}): "
+            f"the model's output comes from {layer}, which normalizes it (a softmax, or a norm without "
+            "affine), so every connectivity gradient is zero and the scores are Taylor's. Prune a model "
+            "that returns the values before that layer (e.g. the logits).",
+            stacklevel=4,
+        )
 
     def _resolve_lambda(self, model: nn.Module) -> float:
         """``balance * sum|W dL/dW| / sum|W d log phi / dW|`` over conv and linear weights."""
@@ -526,7 +682,7 @@ class ConnectImportance(tp.importance.TaylorImportance):
 
     @torch.no_grad()
     def __call__(self, group) -> Optional[torch.Tensor]:
-        self._refresh(self._model_of(group))
+        self._refresh(self._model_of(group), getattr(group, "_DG", None), group)
         group_imp, group_idxs = [], []
         for i, (dep, idxs) in enumerate(group):
             layer = dep.target.module

@@ -10,7 +10,9 @@ with the model in eval mode (BatchNorm uses its running statistics and is not up
 :func:`progressive_prune` accepts several targets and reports the model each time it first passes
 one (2.5x, then 8x, then 16x). Because the per-step ratio schedule does not depend on the target,
 the trajectory to 16x passes through exactly the models that separate runs to 2.5x and 8x would
-stop at, so one trajectory replaces three runs.
+stop at, so one trajectory replaces three runs. A target the schedule cannot reach raises
+:class:`UnreachableSpeedUp` as soon as the schedule tops out (its last step, or no layer can lose
+another channel), with the highest speed-up reached; the targets reached before are already saved.
 
 :func:`layer_report` lists the channels left in every layer and flags *layer collapse*: a layer
 through which no path of non-zero weights leads from the input to the output. It is measured like
@@ -34,7 +36,6 @@ from __future__ import annotations
 
 import copy
 import math
-import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -44,22 +45,15 @@ import torch.nn.functional as F
 import torch_pruning as tp
 from tqdm.auto import tqdm
 
+# Method names are parsed without torch (the command line checks them before importing it).
+from .pipeline.methods import GRADIENT_METHODS, PRUNING_METHODS, needs_gradients, parse_method
+
 __all__ = [
     "PRUNING_METHODS", "GRADIENT_METHODS", "UniformRandomImportance", "parse_method", "needs_gradients",
     "build_importance", "count_macs_and_params",
-    "classifier_layers", "calibration_gradients", "PruneSnapshot", "progressive_prune",
+    "classifier_layers", "calibration_gradients", "PruneSnapshot", "UnreachableSpeedUp", "progressive_prune",
     "layer_channels", "signal_flow", "layer_report", "calibration_batches", "recalibrate_batchnorm",
 ]
-
-PRUNING_METHODS = ("connect", "taylor", "l1", "l2", "lamp", "random", "uniform")
-"""Importance criteria known to :func:`build_importance` (``connect`` also takes options, see there)."""
-
-GRADIENT_METHODS = frozenset({"connect", "taylor"})
-"""Methods whose importance needs ``loss.backward()`` on calibration data before each step."""
-
-_CONNECT_SPEC = re.compile(r"^connect(?:-k(?P<balance>inf|[0-9.e+-]+))?(?:-lam(?P<lam>[0-9.e+-]+))?"
-                           r"(?:-bn(?P<bn_flow>[a-z]+))?$")
-
 
 class UniformRandomImportance(tp.importance.Importance):
     """Every channel of every group gets an independent uniform score: a uniform random baseline.
@@ -74,35 +68,6 @@ class UniformRandomImportance(tp.importance.Importance):
     def __call__(self, group, **kwargs) -> torch.Tensor:
         _, idxs = group[0]
         return torch.rand(len(idxs), generator=self.generator)
-
-
-def parse_method(method: str) -> Tuple[str, Dict[str, Any]]:
-    """Split a method name into the criterion and its options.
-
-    ``connect`` takes options in its name: ``connect-k<kappa>`` (balance, ``inf`` allowed),
-    ``connect-lam<lambda>`` (the absolute form) and ``-bn<stats|gamma|identity>``, e.g.
-    ``connect-k3-bngamma``. Other methods take none.
-
-    Raises:
-        ValueError: an unknown method or malformed options, naming the accepted forms.
-    """
-    if method in PRUNING_METHODS:
-        return method, {}
-    match = _CONNECT_SPEC.match(method)
-    if match is None:
-        raise ValueError(f"unknown pruning method {method!r}; choose one of {list(PRUNING_METHODS)}, or "
-                         "connect-k<kappa>[-bn<stats|gamma|identity>] / connect-lam<lambda>[-bn...]")
-    options: Dict[str, Any] = {}
-    try:
-        if match["balance"] is not None:
-            options["balance"] = math.inf if match["balance"] == "inf" else float(match["balance"])
-        if match["lam"] is not None:
-            options["lam"] = float(match["lam"])
-    except ValueError:
-        raise ValueError(f"malformed number in pruning method {method!r}") from None
-    if match["bn_flow"] is not None:
-        options["bn_flow"] = match["bn_flow"]
-    return "connect", options
 
 
 def build_importance(method: str, example_inputs: Optional[torch.Tensor] = None,
@@ -140,12 +105,6 @@ def build_importance(method: str, example_inputs: Optional[torch.Tensor] = None,
     if name == "random":
         return tp.importance.RandomImportance()
     return UniformRandomImportance(torch.Generator().manual_seed(seed))
-
-
-def needs_gradients(method: str) -> bool:
-    """Whether the method's importance reads ``.grad`` (data-free CoNNect, ``connect-kinf``, does not)."""
-    name, options = parse_method(method)
-    return name in GRADIENT_METHODS and options.get("balance") != math.inf
 
 
 def count_macs_and_params(model: nn.Module, example_inputs: torch.Tensor) -> Tuple[int, int]:
@@ -226,6 +185,37 @@ class PruneSnapshot:
     model: nn.Module = field(repr=False)
 
 
+class UnreachableSpeedUp(ValueError):
+    """The pruning schedule topped out below a speed-up target.
+
+    Attributes:
+        target: the first target not reached.
+        reached: the highest speed-up the trajectory reached.
+        step, iterative_steps: where it stopped, of how many steps.
+        snapshots: the targets reached before (already passed to ``on_target``).
+    """
+
+    def __init__(self, message: str, *, target: float, reached: float, step: int, iterative_steps: int,
+                 snapshots: List["PruneSnapshot"]):
+        super().__init__(message)
+        self.target, self.reached, self.step, self.iterative_steps = target, reached, step, iterative_steps
+        self.snapshots = snapshots
+
+
+def _nothing_left_to_prune(pruner: tp.pruner.MetaPruner) -> bool:
+    """Whether every prunable group is at its limit, so that no later step can prune anything.
+
+    Uses the pruner's own eligibility test; if Torch-Pruning's internals differ, answers False and
+    the loop simply runs to the end of the schedule.
+    """
+    try:
+        groups = pruner.DG.get_all_groups(ignored_layers=pruner.ignored_layers,
+                                          root_module_types=pruner.root_module_types)
+        return not any(pruner._check_pruning_ratio(g) for g in groups)
+    except (AttributeError, TypeError):
+        return False
+
+
 def progressive_prune(model: nn.Module, example_inputs: torch.Tensor, importance: tp.importance.Importance,
                       targets: Sequence[float], *, calibration: Optional[Sequence[Tuple[torch.Tensor, torch.Tensor]]] = None,
                       iterative_steps: int = 400, max_pruning_ratio: float = 1.0, global_pruning: bool = True,
@@ -238,10 +228,10 @@ def progressive_prune(model: nn.Module, example_inputs: torch.Tensor, importance
         model: the model to prune (modified in place).
         example_inputs: a batch used to trace the dependency graph and count MACs.
         importance: a Torch-Pruning importance (see :func:`build_importance`).
-        targets: MAC speed-ups ``base MACs / pruned MACs``, e.g. ``[2.5, 8, 16]``.
+        targets: MAC speed-ups ``base MACs / pruned MACs``, e.g. ``[2.5, 8, 16]``; finite and > 1.
         calibration: ``(images, labels)`` batches; required when ``importance`` is a Taylor
             importance (Taylor and CoNNect), whose gradients are recomputed before every step.
-        iterative_steps: steps of the linear schedule from 0 to a pruning ratio of 1.0.
+        iterative_steps: steps of the linear schedule from 0 to a pruning ratio of 1.0 (>= 1).
         max_pruning_ratio: the most a layer may lose (1.0: down to a single channel).
         global_pruning: rank channels of all groups together (Torch-Pruning's ``--global-pruning``).
         ignored_layers: layers never pruned (default: the final classifier).
@@ -253,12 +243,16 @@ def progressive_prune(model: nn.Module, example_inputs: torch.Tensor, importance
         ascending target order.
 
     Raises:
-        ValueError: a gradient method without calibration data, or a target that the schedule
-            cannot reach within ``iterative_steps``.
+        ValueError: a gradient method without calibration data, a target that is not a finite
+            number > 1, or ``iterative_steps < 1``.
+        UnreachableSpeedUp: the schedule topped out below a target (its last step was taken, or no
+            layer can lose another channel); raised at that step, with the highest speed-up reached.
     """
     targets = sorted(float(t) for t in targets)
-    if not targets or targets[0] <= 1.0:
-        raise ValueError(f"speed-up targets must be > 1, got {targets}")
+    if not targets or not all(math.isfinite(t) and t > 1.0 for t in targets):
+        raise ValueError(f"speed-up targets must be finite numbers > 1, got {targets}")
+    if iterative_steps < 1:
+        raise ValueError(f"iterative_steps must be >= 1, got {iterative_steps}")
     needs_grad = isinstance(importance, tp.importance.GroupTaylorImportance) and \
         getattr(importance, "balance", None) != math.inf
     if needs_grad and not calibration:
@@ -273,27 +267,39 @@ def progressive_prune(model: nn.Module, example_inputs: torch.Tensor, importance
     base_macs, _ = count_macs_and_params(model, example_inputs)
     snapshots: List[PruneSnapshot] = []
     pending = list(targets)
-    speed_up = 1.0
-    bar = tqdm(total=iterative_steps, desc=desc, disable=not progress, dynamic_ncols=True)
-    while pending:
-        if pruner.current_step >= iterative_steps:
-            raise ValueError(f"{desc}: reached only {speed_up:.2f}x after {iterative_steps} steps, "
-                             f"target {pending[0]}x is out of reach; lower the target or raise max_pruning_ratio")
-        if needs_grad:
-            calibration_gradients(model, calibration, device)
-        pruner.step()
-        if needs_grad:
-            model.zero_grad(set_to_none=True)  # stale gradients would have the old shapes
-        macs, params = count_macs_and_params(model, example_inputs)
-        speed_up = base_macs / max(macs, 1)
-        bar.update(1)
-        bar.set_postfix(speed_up=f"{speed_up:.2f}x", macs=f"{macs / 1e6:.2f}M")
-        while pending and speed_up >= pending[0]:
-            snap = PruneSnapshot(pending.pop(0), pruner.current_step, macs, params, speed_up, copy.deepcopy(model))
-            snapshots.append(snap)
-            if on_target is not None:
-                on_target(snap)
-    bar.close()
+    best, prev_macs = 1.0, base_macs
+    with tqdm(total=iterative_steps, desc=desc, disable=not progress, dynamic_ncols=True, unit="step") as bar:
+        while pending:
+            if needs_grad:
+                calibration_gradients(model, calibration, device)
+            pruner.step()
+            if needs_grad:
+                model.zero_grad(set_to_none=True)  # stale gradients would have the old shapes
+            macs, params = count_macs_and_params(model, example_inputs)
+            speed_up = base_macs / max(macs, 1)
+            best = max(best, speed_up)
+            bar.update(1)
+            bar.set_postfix(speed_up=f"{speed_up:.2f}x", macs=f"{macs / 1e6:.2f}M")
+            while pending and speed_up >= pending[0]:
+                snap = PruneSnapshot(pending.pop(0), pruner.current_step, macs, params, speed_up,
+                                     copy.deepcopy(model))
+                snapshots.append(snap)
+                if on_target is not None:
+                    on_target(snap)
+            if not pending:
+                break
+            end_of_schedule = pruner.current_step >= iterative_steps
+            if end_of_schedule or (macs == prev_macs and _nothing_left_to_prune(pruner)):
+                why = (f"the ratio schedule ended (step {pruner.current_step} of {iterative_steps})"
+                       if end_of_schedule else f"no layer can lose another channel at max_pruning_ratio="
+                                               f"{max_pruning_ratio:g} (step {pruner.current_step} of {iterative_steps})")
+                raise UnreachableSpeedUp(
+                    f"{desc}: target {pending[0]:g}x is out of reach: {why}; the highest speed-up reached is "
+                    f"{best:.2f}x. Lower the target to at most {math.floor(best * 100) / 100:g}"
+                    + ("" if max_pruning_ratio >= 1.0 else " or raise max_pruning_ratio"),
+                    target=pending[0], reached=best, step=pruner.current_step, iterative_steps=iterative_steps,
+                    snapshots=snapshots)
+            prev_macs = macs
     return snapshots
 
 
@@ -311,49 +317,43 @@ def layer_channels(model: nn.Module) -> Dict[str, List[int]]:
 def signal_flow(model: nn.Module, example_inputs: torch.Tensor) -> Tuple[float, Dict[str, torch.Tensor]]:
     """Total signal flow ``phi`` of the network and the flow through each output channel of each layer.
 
-    The network is evaluated on an all-ones input in float64 with ``|W|`` for every weight, no
-    biases and BatchNorm reduced to ``|gamma| / sqrt(running_var + eps)``; ReLU and max-pooling
-    then pass all values unchanged. ``phi`` is the sum of the outputs (the number of weighted
-    input-output paths), and the flow through output channel ``c`` of a layer is
-    ``sum(|W[c]| * dphi/d|W[c]|)``.
+    The network is evaluated on an all-ones input with ``|W|`` for every weight, no biases and
+    BatchNorm reduced to ``|gamma| / sqrt(running_var + eps)``; ReLU and max-pooling then pass all
+    values unchanged. ``phi`` is the sum of the outputs (the number of weighted input-output
+    paths), and the flow through output channel ``c`` of a layer is ``sum(|W[c]| * dphi/d|W[c]|)``.
+    The pass is :func:`connect_tp.engine.layer_flows` (per-layer log scale, exact at any depth in
+    the model's own precision); ``phi`` and the flows are returned in float64, so they underflow
+    to 0 only below ~1e-308 (:func:`layer_report` judges connectivity by reachability, not by them).
 
     Returns:
         ``(phi, {layer name: flow per output channel})`` for convolutions and linear layers.
     """
-    net = copy.deepcopy(model).double().eval()
-    weights = {}
-    with torch.no_grad():
-        for name, m in net.named_modules():
-            if isinstance(m, (nn.Conv2d, nn.Linear)):
-                m.weight.abs_()
-                if m.bias is not None:
-                    m.bias.zero_()
-                weights[name] = m.weight
-            elif isinstance(m, nn.modules.batchnorm._BatchNorm):
-                if m.affine:
-                    m.weight.abs_()
-                    m.bias.zero_()
-                m.running_mean.zero_()
-    for p in net.parameters():
-        p.requires_grad_(p.dim() > 1)
-    ones = torch.ones_like(example_inputs[:1], dtype=torch.float64)
-    phi = net(ones).sum()
-    phi.backward()
-    flows = {name: (w * w.grad).flatten(1).sum(1).detach() if w.grad is not None else torch.zeros(w.shape[0], dtype=torch.float64)
-             for name, w in weights.items()}
-    return float(phi.detach()), flows
+    from .engine import layer_flows
+
+    flows = layer_flows(model, example_inputs)
+    phi = math.exp(flows["log_phi"]) if flows["log_phi"] < 709 else math.inf
+    return phi, {name: share * phi for name, share in flows["shares"].items()}
 
 
 def layer_report(model: nn.Module, example_inputs: torch.Tensor) -> Dict[str, Any]:
     """Channels left per layer and layer-collapse flags.
 
     Returns:
-        ``{"channels": {layer: [in, out]}, "signal_flow": phi, "collapsed_layers": [...],
-        "dead_channels": {layer: n}, "network_disconnected": bool}``. A layer is *collapsed* when
-        no signal flows through any of its channels; ``network_disconnected`` when ``phi == 0``.
+        ``{"channels": {layer: [in, out]}, "signal_flow": phi, "log_signal_flow": log phi,
+        "collapsed_layers": [...], "dead_channels": {layer: n}, "network_disconnected": bool}``.
+        A channel is *dead* when no path of non-zero weights and BatchNorm scales leads from the
+        input through it to the output, a layer is *collapsed* when all its channels are dead, and
+        the network is disconnected when no path is left at all. These flags come from an exact
+        0/1 reachability pass (:func:`connect_tp.engine.layer_flows`), so a connected network whose
+        flow is tiny (a deep network with small weights) is never reported as disconnected.
     """
-    phi, flows = signal_flow(model, example_inputs)
-    collapsed = [name for name, f in flows.items() if float(f.sum()) == 0.0]
-    dead = {name: int((f == 0).sum()) for name, f in flows.items() if int((f == 0).sum()) > 0}
-    return {"channels": layer_channels(model), "signal_flow": phi, "collapsed_layers": collapsed,
-            "dead_channels": dead, "network_disconnected": phi == 0.0}
+    from .engine import layer_flows
+
+    flows = layer_flows(model, example_inputs)
+    log_phi = flows["log_phi"]
+    alive = flows["alive"]
+    collapsed = [name for name, a in alive.items() if not bool(a.any())]
+    dead = {name: int((~a).sum()) for name, a in alive.items() if int((~a).sum()) > 0}
+    phi = math.exp(log_phi) if log_phi < 709 else math.inf
+    return {"channels": layer_channels(model), "signal_flow": phi, "log_signal_flow": log_phi,
+            "collapsed_layers": collapsed, "dead_channels": dead, "network_disconnected": not flows["connected"]}

@@ -4,7 +4,9 @@ One loop, :func:`fit`, serves both the base training and the fine-tuning after p
 momentum, a step schedule (``MultiStepLR``), the best test accuracy kept, and a checkpoint after
 every epoch. Checkpoints and JSON results are written atomically (temporary file in the same
 folder, then ``os.replace``), so a run killed at any moment leaves either the previous or the new
-file, never a truncated one; ``resume=True`` continues after the last completed epoch.
+file, never a truncated one; ``resume=True`` continues after the last completed epoch. The progress
+bar advances per batch and shows the running loss and accuracy; a summary line per epoch goes to
+the ``log`` callback.
 
 Under ``torchrun`` (``WORLD_SIZE > 1`` in the environment) :func:`init_distributed` starts a process
 group (NCCL on CUDA, gloo on CPU) and :func:`fit` trains with ``DistributedDataParallel``; the
@@ -25,10 +27,8 @@ Example:
 """
 from __future__ import annotations
 
-import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Optional, Sequence
 
@@ -39,80 +39,16 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, Subset
 from tqdm.auto import tqdm
 
+# The file helpers live with the run folder; re-exported here, where they were first defined.
+from .pipeline.files import (CheckpointError, atomic_save, atomic_write, atomic_write_json, load_checkpoint,
+                             read_json)
+
 __all__ = [
     "CheckpointError", "DistributedContext", "init_distributed", "cleanup_distributed",
     "atomic_write", "atomic_save", "atomic_write_json", "load_checkpoint", "read_json",
     "save_model_checkpoint", "load_model_checkpoint", "shrink_to_state_dict",
     "make_loader", "evaluate", "fit", "set_seed", "short_finetune",
 ]
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint or result file is missing or unreadable; the message names the file."""
-
-
-# ---------------------------------------------------------------------------------------------
-# Atomic file io
-# ---------------------------------------------------------------------------------------------
-def atomic_write(path: str, write: Callable[[Any], None], binary: bool = False) -> None:
-    """Call ``write(file)`` on a temporary file next to ``path``, then rename it to ``path``.
-
-    A crash at any point leaves either the old ``path`` or the complete new one, never a partial file.
-    """
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    # The temporary file lives in the destination folder: os.replace is atomic only within one file system.
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb" if binary else "w") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def atomic_save(obj: Any, path: str) -> None:
-    """``torch.save`` to ``path`` through a temporary file and an atomic rename."""
-    atomic_write(path, lambda f: torch.save(obj, f), binary=True)
-
-
-def atomic_write_json(obj: Any, path: str) -> None:
-    """Write ``obj`` as indented JSON to ``path`` through a temporary file and an atomic rename."""
-    atomic_write(path, lambda f: json.dump(obj, f, indent=2, sort_keys=False), binary=False)
-
-
-def read_json(path: str) -> Any:
-    """Read a JSON result file.
-
-    Raises:
-        CheckpointError: the file is missing or not valid JSON.
-    """
-    if not os.path.isfile(path):
-        raise CheckpointError(f"result file {path} is missing; run the stage that writes it first")
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"result file {path} is corrupt ({exc}); delete it and rerun the stage") from exc
-
-
-def load_checkpoint(path: str, map_location: Any = "cpu") -> Dict[str, Any]:
-    """Load a checkpoint written by :func:`atomic_save` (tensors and plain Python only).
-
-    Raises:
-        CheckpointError: the file is missing or corrupt.
-    """
-    if not os.path.isfile(path):
-        raise CheckpointError(f"checkpoint {path} is missing; run the stage that writes it first")
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as exc:  # torch raises several unrelated types for a damaged zip/pickle
-        raise CheckpointError(f"checkpoint {path} is corrupt or unreadable ({exc}); delete it and "
-                              f"rerun the stage that writes it (without --resume)") from exc
 
 
 # ---------------------------------------------------------------------------------------------
@@ -295,34 +231,70 @@ def evaluate(model: nn.Module, loader: DataLoader, device: Any = "cpu",
 
 
 def short_finetune(model: nn.Module, train_set: Dataset, *, steps: int, lr: float, weight_decay: float = 5e-4,
-                   momentum: float = 0.9, batch_size: int = 128, device: Any = "cpu", seed: int = 0) -> nn.Module:
+                   momentum: float = 0.9, batch_size: int = 128, device: Any = "cpu", seed: int = 0,
+                   desc: Optional[str] = None) -> nn.Module:
     """``steps`` SGD steps at a constant learning rate on reproducibly shuffled batches; returns the model.
 
     A fixed budget far below an epoch: it repairs stale BatchNorm statistics and a little more, so
-    the accuracy after it still reflects which channels the criterion kept.
+    the accuracy after it still reflects which channels the criterion kept. With ``desc`` a
+    progress bar shows the steps and the running loss and accuracy.
     """
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     model = model.to(device).train()
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
     done = 0
-    while done < steps:
-        for images, labels in make_loader(train_set, batch_size, True, seed=seed, epoch=done):
-            loss = F.cross_entropy(model(images.to(device)), labels.to(device))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            done += 1
-            if done == steps:
-                break
+    meter = _Meter()
+    with tqdm(total=steps, desc=desc, disable=desc is None, dynamic_ncols=True, unit="batch") as bar:
+        while done < steps:
+            for images, labels in make_loader(train_set, batch_size, True, seed=seed, epoch=done):
+                images, labels = images.to(device), labels.to(device)
+                logits = model(images)
+                loss = F.cross_entropy(logits, labels)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                done += 1
+                meter.add(loss, logits, labels)
+                bar.update(1)
+                bar.set_postfix(meter.postfix(), refresh=False)
+                if done == steps:
+                    break
     return model.eval()
+
+
+class _Meter:
+    """Running mean loss and accuracy of the training batches seen so far (for progress bars)."""
+
+    def __init__(self) -> None:
+        self.loss_sum, self.correct, self.seen = 0.0, 0, 0
+
+    def add(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> float:
+        value = loss.item()
+        self.loss_sum += value * labels.numel()
+        self.correct += int((logits.argmax(1) == labels).sum())
+        self.seen += labels.numel()
+        return value
+
+    @property
+    def loss(self) -> float:
+        return self.loss_sum / max(self.seen, 1)
+
+    @property
+    def acc(self) -> float:
+        return 100.0 * self.correct / max(self.seen, 1)
+
+    def postfix(self, **extra: str) -> Dict[str, str]:
+        return dict(extra, loss=f"{self.loss:.3f}", acc=f"{self.acc:.1f}%")
 
 
 def fit(model: nn.Module, train_set: Dataset, test_set: Dataset, *, epochs: int, lr: float,
         milestones: Sequence[int], gamma: float = 0.1, weight_decay: float = 5e-4, momentum: float = 0.9,
         batch_size: int = 128, device: Any = "cpu", checkpoint_path: Optional[str] = None,
         resume: bool = False, seed: int = 0, ctx: Optional[DistributedContext] = None,
-        num_workers: int = 0, desc: str = "train", arch: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+        num_workers: int = 0, desc: str = "train", arch: Optional[Dict[str, Any]] = None,
+        checkpoint_extra: Optional[Dict[str, Any]] = None, on_epoch: Optional[Callable[[int], None]] = None,
+        log: Optional[Callable[[str], None]] = None, progress: bool = True) -> Dict[str, Any]:
     """Train ``model`` with SGD and a step schedule; checkpoint every epoch; keep the best accuracy.
 
     Args:
@@ -338,10 +310,14 @@ def fit(model: nn.Module, train_set: Dataset, test_set: Dataset, *, epochs: int,
         ctx: distributed context from :func:`init_distributed` (None: single process).
         desc: label of the progress bar.
         arch: model-constructor arguments stored in the checkpoint (see :func:`save_model_checkpoint`).
+        checkpoint_extra: more plain values stored in every checkpoint (e.g. a fingerprint).
+        on_epoch: called with the number of completed epochs after each checkpoint is written.
+        log: called with a one-line summary after every epoch (rank 0 only).
+        progress: show a progress bar that advances per batch with the running loss and accuracy.
 
     Returns:
         ``{"best_acc", "final_acc", "epochs_run", "resumed_from_epoch", "history"}``; ``history``
-        lists ``{"epoch", "lr", "train_loss", "test_acc"}`` per epoch.
+        lists ``{"epoch", "lr", "train_loss", "train_acc", "test_acc"}`` per epoch.
 
     Raises:
         CheckpointError: ``resume`` was asked and the checkpoint is corrupt or of another model.
@@ -364,48 +340,58 @@ def fit(model: nn.Module, train_set: Dataset, test_set: Dataset, *, epochs: int,
             model.load_state_dict(state["state_dict"])
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
-        except (KeyError, RuntimeError, ValueError) as exc:
+            start_epoch, best_acc, history = state["epoch"] + 1, state["best_acc"], list(state["history"])
+            best_state = state["best_state_dict"]
+        except (KeyError, RuntimeError, ValueError, TypeError) as exc:
             raise CheckpointError(f"checkpoint {checkpoint_path} does not match this run ({exc}); "
                                   f"delete it or run without --resume") from exc
-        start_epoch, best_acc, history = state["epoch"] + 1, state["best_acc"], list(state["history"])
-        best_state = state["best_state_dict"]
         resumed_from = state["epoch"]
 
-    bar = tqdm(range(start_epoch, epochs), desc=desc, initial=start_epoch, total=epochs,
-               disable=not ctx.is_main, dynamic_ncols=True)
-    for epoch in bar:
-        net.train()
-        epoch_lr = optimizer.param_groups[0]["lr"]
-        # Per-epoch seeding makes augmentation and shuffling of epoch e identical with or without resume.
-        set_seed(seed * 100003 + epoch)
-        loader = make_loader(train_set, batch_size, True, ctx, seed, epoch, num_workers)
-        loss_sum, seen = 0.0, 0
-        for images, labels in loader:
-            images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-            loss = F.cross_entropy(net(images), labels)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            loss_sum += loss.item() * labels.numel()
-            seen += labels.numel()
-            if not math.isfinite(loss.item()):
-                raise FloatingPointError(f"{desc}: loss became {loss.item()} in epoch {epoch}; lower the learning rate")
-        scheduler.step()
-        acc = evaluate(model, make_loader(test_set, batch_size * 2, False, ctx, num_workers=num_workers),
-                       device, ctx)["acc"]
-        if acc > best_acc:
-            best_acc = acc
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        history.append({"epoch": epoch, "lr": epoch_lr,
-                        "train_loss": loss_sum / max(seen, 1), "test_acc": acc})
-        bar.set_postfix(loss=f"{loss_sum / max(seen, 1):.3f}", acc=f"{acc:.2f}", best=f"{best_acc:.2f}")
-        if checkpoint_path and ctx.is_main:
-            save_model_checkpoint(checkpoint_path, model, arch or {}, epoch=epoch, best_acc=best_acc,
-                                  history=history, best_state_dict=best_state,
-                                  optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict())
-        ctx.barrier()
-    bar.close()
+    batches = len(make_loader(train_set, batch_size, True, ctx, seed, 0, 0))
+    show = progress and ctx.is_main
+    with tqdm(total=epochs * batches, initial=min(start_epoch, epochs) * batches, desc=desc, disable=not show,
+              dynamic_ncols=True, unit="batch") as bar:
+        for epoch in range(start_epoch, epochs):
+            net.train()
+            epoch_lr = optimizer.param_groups[0]["lr"]
+            # Per-epoch seeding makes augmentation and shuffling of epoch e identical with or without resume.
+            set_seed(seed * 100003 + epoch)
+            loader = make_loader(train_set, batch_size, True, ctx, seed, epoch, num_workers)
+            meter = _Meter()
+            for images, labels in loader:
+                images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+                logits = net(images)
+                loss = F.cross_entropy(logits, labels)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                value = meter.add(loss, logits, labels)
+                if not math.isfinite(value):
+                    raise FloatingPointError(f"{desc}: loss became {value} in epoch {epoch}; lower the learning rate")
+                bar.update(1)
+                bar.set_postfix(meter.postfix(epoch=f"{epoch + 1}/{epochs}"), refresh=False)
+            scheduler.step()
+            acc = evaluate(model, make_loader(test_set, batch_size * 2, False, ctx, num_workers=num_workers),
+                           device, ctx)["acc"]
+            if acc > best_acc:
+                best_acc = acc
+                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            history.append({"epoch": epoch, "lr": epoch_lr, "train_loss": meter.loss, "train_acc": meter.acc,
+                            "test_acc": acc})
+            bar.set_postfix(meter.postfix(epoch=f"{epoch + 1}/{epochs}", test=f"{acc:.2f}%"), refresh=False)
+            if checkpoint_path and ctx.is_main:
+                save_model_checkpoint(checkpoint_path, model, arch or {}, epoch=epoch, best_acc=best_acc,
+                                      history=history, best_state_dict=best_state,
+                                      optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+                                      **(checkpoint_extra or {}))
+            if ctx.is_main:
+                if on_epoch is not None:
+                    on_epoch(epoch + 1)
+                if log is not None:
+                    log(f"{desc}: epoch {epoch + 1}/{epochs}, lr {epoch_lr:g}, train loss {meter.loss:.3f}, "
+                        f"train acc {meter.acc:.2f}%, test acc {acc:.2f}% (best {best_acc:.2f}%)")
+            ctx.barrier()
     final_acc = history[-1]["test_acc"] if history else best_acc
     model.load_state_dict(best_state)
-    return {"best_acc": best_acc, "final_acc": final_acc, "epochs_run": epochs - start_epoch,
+    return {"best_acc": best_acc, "final_acc": final_acc, "epochs_run": max(epochs - start_epoch, 0),
             "resumed_from_epoch": resumed_from, "history": history}

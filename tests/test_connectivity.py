@@ -89,12 +89,36 @@ def test_model_state_is_untouched():
     assert all(p.grad is not None for p in model.parameters())
 
 
-def test_float32_overflow_falls_back_to_float64():
-    # 60 layers of width 16 with weights ~U(0.5, 1): the path sum is ~ 8**60, beyond float32.
-    torch.manual_seed(0)
-    model = nn.Sequential(*[nn.Linear(16, 16, bias=False) for _ in range(60)])
+def deep_positive_mlp(depth=60, width=16, low=0.5, high=1.0, seed=0, control_flow=False):
+    """Weights ~U(low, high): the path sum is ~ (width * mean)**depth, beyond float32 for 60 layers."""
+    torch.manual_seed(seed)
+
+    class Net(nn.Sequential):
+        def forward(self, x):
+            for m in self:
+                x = m(x)
+                if control_flow and bool(x.sum() < 0):  # data-dependent: torch.fx cannot trace this
+                    x = -x
+            return x
+
+    model = Net(*[nn.Linear(width, width, bias=False) for _ in range(depth)])
     for m in model:
-        nn.init.uniform_(m.weight, 0.5, 1.0)
+        nn.init.uniform_(m.weight, low, high)
+    return model
+
+
+def test_float32_overflow_is_exact_in_the_traced_pass():
+    model = deep_positive_mlp()
+    example = torch.rand(1, 16)
+    log_phi, dtype = log_connectivity_and_dtype(model, example)
+    assert dtype is None  # measured in the model's own float32, no retry
+    assert math.isfinite(log_phi.item()) and log_phi.item() > math.log(3.4e38)
+    exact = log_connectivity(model.double(), example.double()).item()
+    assert log_phi.item() == pytest.approx(exact, rel=1e-6)
+
+
+def test_untraceable_model_falls_back_to_float64():
+    model = deep_positive_mlp(control_flow=True)
     example = torch.rand(1, 16)
     log_phi, dtype = log_connectivity_and_dtype(model, example)
     assert dtype == torch.float64
@@ -168,3 +192,172 @@ def test_unsupported_output_is_an_error():
 
     with pytest.raises(TypeError, match="output"):
         log_connectivity(Scalar(), torch.rand(1, 2))
+
+
+# ------------------------------------------------------------------ inputs and outputs (issue 9, item 4)
+def test_only_token_ids_are_random_in_dict_inputs():
+    model = nn.Sequential(nn.Embedding(30, 4), nn.Linear(4, 3))
+    example = {"input_ids": torch.zeros(1, 6, dtype=torch.long),
+               "attention_mask": torch.tensor([[1, 1, 1, 1, 0, 0]]),
+               "token_type_ids": torch.ones(1, 6, dtype=torch.long),
+               "position_ids": torch.arange(6)[None] + 2,
+               "flags": torch.tensor([[True, False, True, True, False, True]])}
+    x = connectivity_inputs(model, example, 5, torch.Generator().manual_seed(0))
+    assert x["input_ids"].shape == (5, 6) and len(x["input_ids"].unique()) > 10 and x["input_ids"].max() < 30
+    assert torch.equal(x["attention_mask"], torch.ones(5, 6, dtype=torch.long))
+    assert torch.equal(x["token_type_ids"], torch.zeros(5, 6, dtype=torch.long))
+    assert torch.equal(x["position_ids"], (torch.arange(6) + 2).expand(5, 6))
+    assert torch.equal(x["flags"], example["flags"].expand(5, 6))
+
+
+def test_first_integer_tensor_of_a_tuple_is_the_token_ids():
+    model = nn.Sequential(nn.Embedding(30, 4), nn.Linear(4, 3))
+    x = connectivity_inputs(model, (torch.zeros(1, 6, dtype=torch.long), torch.arange(6)[None]), 3,
+                            torch.Generator().manual_seed(0))
+    assert len(x[0].unique()) > 5
+    assert torch.equal(x[1], torch.arange(6).expand(3, 6))  # a side input keeps its value
+
+
+class Uint8Images(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+
+    def forward(self, x):
+        return self.conv(x.float() / 255)
+
+
+def test_uint8_input_is_an_image():
+    model = Uint8Images()
+    x = connectivity_inputs(model, torch.zeros(1, 3, 8, 8, dtype=torch.uint8), 4, torch.Generator().manual_seed(0))
+    assert x.dtype == torch.uint8 and x.shape == (4, 3, 8, 8)
+    assert int(x.max()) > 200 and int(x.min()) < 50 and len(x.unique()) > 100
+    log_phi = log_connectivity(model, torch.zeros(1, 3, 8, 8, dtype=torch.uint8), n_samples=4, seed=0)
+    assert math.isfinite(log_phi.item())
+
+
+class LossAndLogits(nn.Module):
+    def __init__(self, as_tuple=False):
+        super().__init__()
+        self.head = nn.Linear(3, 2)
+        self.as_tuple = as_tuple
+
+    def forward(self, x):
+        logits = self.head(x)
+        loss = logits.pow(2).mean() - 100.0  # a 0-dim loss first, negative: must not be measured
+        return (loss, logits) if self.as_tuple else {"loss": loss, "logits": logits}
+
+
+@pytest.mark.parametrize("as_tuple", [False, True])
+def test_a_zero_dim_loss_in_the_output_is_skipped_for_the_logits(as_tuple):
+    model = LossAndLogits(as_tuple)
+    got = log_connectivity(model, torch.rand(1, 3), n_samples=4, seed=0)
+    expected = log_connectivity(model.head, torch.rand(1, 3), n_samples=4, seed=0)
+    assert got.item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+class NormalizedOutput(nn.Module):
+    def __init__(self, last):
+        super().__init__()
+        self.body = nn.Linear(4, 6)
+        self.last = last
+
+    def forward(self, x):
+        h = self.body(x)
+        if self.last == "softmax":
+            return torch.softmax(h, -1)
+        return self.norm(h)
+
+
+def test_centred_output_names_the_layer():
+    model = NormalizedOutput("layernorm")
+    model.norm = nn.LayerNorm(6, elementwise_affine=False)
+    with pytest.raises(ConnectivityError, match=r"centred.*'norm' \(LayerNorm without affine\)"):
+        log_connectivity(model, torch.rand(1, 4))
+
+
+def test_softmax_output_warns_and_names_the_function():
+    import torch_pruning as tp
+
+    from connect_tp import ConnectImportance
+
+    model = NormalizedOutput("softmax")
+    model(torch.rand(3, 4)).sum().backward()
+    graph = tp.DependencyGraph().build_dependency(model, example_inputs=torch.rand(1, 4))
+    group = graph.get_pruning_group(model.body, tp.prune_linear_out_channels, idxs=list(range(6)))
+    imp = ConnectImportance(lam=1.0, example_inputs=torch.rand(1, 4))
+    with pytest.warns(UserWarning, match="softmax in NormalizedOutput.forward"):
+        imp(group)
+
+
+def test_meta_device_is_a_clear_error():
+    model = nn.Linear(3, 2).to("meta")
+    with pytest.raises(ValueError, match="meta device"):
+        log_connectivity(model, torch.rand(1, 3))
+
+
+def tiny_bert():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=40, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=32, max_position_embeddings=16, type_vocab_size=2)
+    model = transformers.BertForMaskedLM(config).eval()
+    with torch.no_grad():  # at init (beta = 0) every LayerNorm output is centred and phi is noise
+        for m in model.modules():
+            if isinstance(m, nn.LayerNorm):
+                m.bias.fill_(1.0)
+    return model
+
+
+def test_tiny_bert_with_token_type_ids():
+    model = tiny_bert()
+    example = {"input_ids": torch.randint(0, 40, (1, 8)), "token_type_ids": torch.ones(1, 8, dtype=torch.long),
+               "attention_mask": torch.ones(1, 8, dtype=torch.long)}
+    log_phi = log_connectivity(model, example, n_samples=3)  # used to fail with IndexError
+    assert math.isfinite(log_phi.item())
+    grads = torch.autograd.grad(log_phi, [model.bert.embeddings.word_embeddings.weight])
+    assert float(grads[0].abs().sum()) > 0
+
+
+def test_tiny_bert_through_the_importance():
+    import torch_pruning as tp
+
+    from connect_tp import ConnectImportance
+
+    model = tiny_bert()
+    example = {"input_ids": torch.randint(0, 40, (1, 8)), "token_type_ids": torch.zeros(1, 8, dtype=torch.long)}
+    model(**example).logits.sum().backward()
+    imp = ConnectImportance(lam=1.0, example_inputs=example)
+    graph = tp.DependencyGraph().build_dependency(model, example_inputs=example)
+    dense = model.bert.encoder.layer[0].intermediate.dense
+    group = graph.get_pruning_group(dense, tp.prune_linear_out_channels, idxs=list(range(32)))
+    assert torch.isfinite(imp(group)).all()
+
+
+def tiny_llama():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=48, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32,
+                                      pad_token_id=None, bos_token_id=None, eos_token_id=None)
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+def test_tiny_llama_attention_mask_stays_a_mask():
+    model = tiny_llama()
+    ids = torch.randint(0, 48, (1, 10))
+    with_mask = log_connectivity(model, {"input_ids": ids, "attention_mask": torch.ones(1, 10, dtype=torch.long)},
+                                 n_samples=3, seed=1)
+    without = log_connectivity(model, {"input_ids": ids}, n_samples=3, seed=1)
+    # an all-ones mask is no mask; a mask of random token ids (the old behaviour) was not
+    assert with_mask.item() == pytest.approx(without.item(), rel=1e-6)
+    with_labels = log_connectivity(model, {"input_ids": ids, "labels": ids}, n_samples=3, seed=1)
+    assert with_labels.item() == pytest.approx(without.item(), rel=1e-6)  # the loss is skipped for the logits
+
+
+def test_wrong_input_shape_names_the_input_and_its_shape():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 6 * 6, 2))
+    with pytest.raises(ValueError, match=r"input: shape \(4, 1, 8, 8\).*3 channels"):
+        log_connectivity(model, torch.rand(1, 1, 8, 8))
+    with pytest.raises(ValueError, match=r"input: shape \(4, 3, 9, 9\)"):
+        log_connectivity(model, torch.rand(1, 3, 9, 9))

@@ -194,12 +194,35 @@ def test_lam_zero_without_gradients_is_an_error():
         pruner.step()
 
 
-def test_unknown_input_shape_is_an_error():
+def test_input_is_found_in_the_dependency_graph():
+    # Torch-Pruning's tests/test_importance_reduction.py: the importance is built after the model's
+    # last forward pass and scores a group from DG.get_pruning_group; the DG's trace shows the input.
     model = resnet20(num_classes=10)
-    graph = tp.DependencyGraph().build_dependency(model, example_inputs=torch.randn(1, 3, 32, 32))
+    graph = tp.DependencyGraph().build_dependency(model, example_inputs=torch.randn(1, 3, 24, 24))
     backward_on_random_batch(model, (2, 3, 32, 32), 10)
-    imp = ConnectImportance()  # built after every forward pass: it never saw the model's input
-    group = next(iter(graph.get_all_groups()))
+    imp = ConnectImportance(lam=1.0, normalizer=None)  # built after every forward pass
+    group = graph.get_pruning_group(model.conv1, tp.prune_conv_out_channels, idxs=list(range(16)))
+    got = imp(group)
+    assert imp.example_inputs.shape == (1, 3, 24, 24)  # the traced input's shape, not the last batch's
+    expected = ConnectImportance(lam=1.0, normalizer=None, example_inputs=torch.zeros(1, 3, 24, 24))(group)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+class TwoInputs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.head = nn.Linear(3, 4), nn.Linear(5, 4), nn.Linear(4, 2)
+
+    def forward(self, x, y):
+        return self.head(self.a(x) + self.b(y))
+
+
+def test_unknown_input_shape_is_an_error():
+    model = TwoInputs()
+    graph = tp.DependencyGraph().build_dependency(model, example_inputs=(torch.randn(1, 3), torch.randn(1, 5)))
+    model(torch.randn(2, 3), torch.randn(2, 5)).sum().backward()
+    imp = ConnectImportance()  # built after every forward pass; the graph shows two inputs
+    group = graph.get_pruning_group(model.a, tp.prune_linear_out_channels, idxs=[0, 1, 2, 3])
     with pytest.raises(ValueError, match="example_inputs="):
         imp(group)
 

@@ -1,4 +1,8 @@
-"""The benchmark stages end to end on the smoke preset (Fashion-MNIST, a few hundred images)."""
+"""The benchmark stages end to end on the smoke preset (Fashion-MNIST, a few hundred images).
+
+The command is run in-process (``connect_tp.cli.main``) and, for kills and torchrun, as the
+repository script ``python -m benchmarks.cifar_pruning``, a thin wrapper of the same command.
+"""
 import json
 import os
 import signal
@@ -9,7 +13,7 @@ import time
 
 import pytest
 
-from benchmarks.cifar_pruning import main
+from connect_tp.cli import main
 from connect_tp.data import DEBIAN_FASHION_MNIST_DIR
 from connect_tp.training import load_checkpoint, read_json
 
@@ -26,7 +30,7 @@ SMOKE = ["--preset", "smoke", "--threads", "1"]
 def run_dir(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("smoke"))
     args = SMOKE + ["--out", out, "--methods", "connect", "l2", "--speed-up", "2.5", "8"]
-    assert main(["train"] + args) == 0
+    assert main(["train"] + SMOKE + ["--out", out]) == 0  # train takes no --methods/--speed-up
     assert main(["prune"] + args) == 0
     assert main(["finetune"] + args) == 0
     return out
@@ -67,7 +71,8 @@ def test_table_and_plot(run_dir, tmp_path):
 def test_resume_skips_finished_work(run_dir):
     result = os.path.join(run_dir, "results", "connect_2.5x.json")
     before = os.stat(result).st_mtime_ns
-    for stage in ("train", "prune", "finetune"):
+    assert main(["train"] + SMOKE + ["--out", run_dir, "--resume"]) == 0
+    for stage in ("prune", "finetune"):
         assert main([stage] + SMOKE + ["--out", run_dir, "--methods", "connect", "l2",
                                        "--speed-up", "2.5", "8", "--resume"]) == 0
     assert os.stat(result).st_mtime_ns == before
@@ -82,11 +87,13 @@ def test_corrupt_checkpoint_names_the_file(run_dir, tmp_path, capsys):
     os.makedirs(broken / "pruned")
     (broken / "pruned" / "l2_2.5x.pt").write_bytes(b"garbage")
     code = main(["finetune"] + SMOKE + ["--out", str(broken), "--methods", "l2", "--speed-up", "2.5"])
-    assert code == 2
-    assert "l2_2.5x.pt" in capsys.readouterr().err
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "pruned/l2_2.5x.pt" in err and "is not the pruned model" in err
+    assert not (broken / "finetuned").exists(), "the checks come before any training"
     code = main(["prune"] + SMOKE + ["--out", str(tmp_path / "empty"), "--methods", "l2"])
-    assert code == 2
-    assert "base.pt is missing" in capsys.readouterr().err
+    assert code == 1
+    assert "base.json is missing" in capsys.readouterr().err
 
 
 def copy_pruned_run(run_dir, out, name):
@@ -120,7 +127,8 @@ def test_killed_finetune_resumes_from_last_epoch(run_dir, tmp_path):
     assert epochs == list(range(10))
     assert load_checkpoint(str(ckpt))["epoch"] == 9
     # The epochs before the kill were not run again: their records are the checkpoint's.
-    assert f"{killed_at + 1}/10" in done.stderr
+    assert f"resuming {ckpt} after epoch {killed_at + 1} of 10" in done.stdout
+    assert f"epoch {killed_at + 1}/10," not in done.stdout and "epoch 10/10," in done.stdout
 
 
 def free_port() -> int:

@@ -4,8 +4,9 @@ import torch
 import torch.nn as nn
 
 from connect_tp.models import resnet20
-from connect_tp.pruning import (PRUNING_METHODS, build_importance, calibration_gradients, count_macs_and_params,
-                                layer_channels, layer_report, progressive_prune, recalibrate_batchnorm)
+from connect_tp.pruning import (PRUNING_METHODS, UnreachableSpeedUp, build_importance, calibration_gradients,
+                                count_macs_and_params, layer_channels, layer_report, parse_method, progressive_prune,
+                                recalibrate_batchnorm)
 
 EXAMPLE = torch.rand(1, 1, 32, 32)
 
@@ -105,3 +106,31 @@ def test_bn_recalibration_changes_only_statistics():
     assert torch.allclose(recal.bn1.running_mean, stem.mean((0, 2, 3)), atol=1e-5)
     assert not torch.allclose(recal.bn1.running_mean, model.bn1.running_mean)
     assert not recal.training
+
+
+def test_unreachable_target_is_reported_as_soon_as_nothing_is_left_to_prune():
+    with pytest.raises(UnreachableSpeedUp) as info:
+        progressive_prune(_model(), EXAMPLE, build_importance("l2"), [1.5, 1000.0], iterative_steps=20,
+                          max_pruning_ratio=0.3, progress=False)
+    exc = info.value
+    assert exc.step < exc.iterative_steps == 20, "the loop must stop when no layer can lose a channel"
+    assert exc.target == 1000.0 and 1.5 <= exc.reached < 1000.0
+    assert [s.target for s in exc.snapshots] == [1.5]
+    assert f"highest speed-up reached is {exc.reached:.2f}x" in str(exc) and "out of reach" in str(exc)
+
+
+@pytest.mark.parametrize("targets, steps", [([float("nan")], 10), ([float("inf")], 10), ([1.0], 10), ([2.0], 0)])
+def test_bad_targets_and_steps_are_refused_before_pruning(targets, steps):
+    with pytest.raises(ValueError, match="finite numbers > 1|iterative_steps must be >= 1"):
+        progressive_prune(_model(), EXAMPLE, build_importance("l2"), targets, iterative_steps=steps, progress=False)
+
+
+def test_method_names_parse_without_torch_pruning():
+    import subprocess
+    import sys
+
+    code = ("import sys; from connect_tp.pipeline.methods import parse_method; "
+            "assert parse_method('connect-k3-bngamma') == ('connect', {'balance': 3.0, 'bn_flow': 'gamma'}); "
+            "assert 'torch_pruning' not in sys.modules")
+    assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0
+    assert parse_method("l2") == ("l2", {})

@@ -110,3 +110,26 @@ def test_resume_with_checkpoint_of_other_width_is_a_clear_error(tmp_path):
     with pytest.raises(CheckpointError, match="ft.pt.*does not match"):
         fit(model, train_set, train_set, epochs=2, lr=0.01, milestones=[], checkpoint_path=str(path),
             resume=True, batch_size=8)
+
+
+def test_progress_bar_advances_per_batch_and_epochs_are_reported(tmp_path, capsys):
+    train_set = _tiny_dataset(32)
+    epochs_done, lines = [], []
+    out = fit(resnet20(num_classes=4, in_channels=1), train_set, train_set, epochs=2, lr=0.01, milestones=[],
+              batch_size=8, checkpoint_path=str(tmp_path / "ft.pt"), arch=ARCH, desc="ft",
+              on_epoch=epochs_done.append, log=lines.append, checkpoint_extra={"provenance": {"stage": "x"}})
+    err = capsys.readouterr().err
+    # 4 batches per epoch, 2 epochs: the bar counts batches and shows the running loss and accuracy.
+    assert "8/8" in err and "loss=" in err and "acc=" in err and "epoch=2/2" in err
+    assert epochs_done == [1, 2] and len(lines) == 2 and lines[0].startswith("ft: epoch 1/2")
+    assert set(out["history"][0]) == {"epoch", "lr", "train_loss", "train_acc", "test_acc"}
+    assert load_checkpoint(str(tmp_path / "ft.pt"))["provenance"] == {"stage": "x"}
+
+
+def test_checkpoint_files_respect_the_umask(tmp_path):
+    old = os.umask(0o022)
+    try:
+        save_model_checkpoint(str(tmp_path / "m.pt"), resnet20(num_classes=4, in_channels=1), ARCH)
+    finally:
+        os.umask(old)
+    assert os.stat(tmp_path / "m.pt").st_mode & 0o777 == 0o644

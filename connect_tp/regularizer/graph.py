@@ -56,7 +56,8 @@ class ConnectivityGraph:
 
     * ``Linear`` / ``Conv1d/2d/3d``: weight replaced by ``theta = |W| / sum |W|``, bias dropped.
     * :class:`ChannelScaler`: factors replaced by ``|delta| / sum |delta|``.
-    * BatchNorm / LayerNorm / GroupNorm / InstanceNorm, activations, dropout: identity.
+    * BatchNorm / LayerNorm / GroupNorm / InstanceNorm, activations, dropout: identity (in the
+      ``"reach"`` mode a BatchNorm channel whose scale is exactly 0 is cut).
     * ``MaxPool`` / ``AdaptiveMaxPool``: the average-pool with the same window.
     * average pools, flatten, reshape, mean, sum, indexing: applied unchanged (linear maps).
     * ``a + b``: if one branch contains no weighted layer that the other lacks (a parameter-free

@@ -188,6 +188,11 @@ def apply_module(m: nn.Module, kind: str, x: Flow, mode: str, handlers: Mapping[
     if kind == "handler":
         return finish_layer(Flow(handlers[type(m)](m, x.value), x.log_scale), mode)
     if kind == "identity":
+        if mode == "reach" and isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine:
+            # a BatchNorm scale of exactly 0 cuts its channel (as in the engine's reach view)
+            shape = [1] * x.value.dim()
+            shape[1 if x.value.dim() > 1 else 0] = -1
+            return Flow(x.value * (m.weight.detach() != 0).to(x.value.dtype).view(shape), x.log_scale)
         return x
     if kind == "maxpool":
         pool = _MAXPOOL_TO_AVG[type(m)]

@@ -1,0 +1,16 @@
+"""The pruning benchmark behind the ``connect-tp`` command, as a library: presets, run folders, stages, tables.
+
+Modules, from the bottom up:
+
+* :mod:`~connect_tp.pipeline.methods`: pruning-criterion names and their options (no torch).
+* :mod:`~connect_tp.pipeline.config`: presets, checked overrides, and what each file depends on.
+* :mod:`~connect_tp.pipeline.files`: atomic writes that respect the umask, readers that name the file.
+* :mod:`~connect_tp.pipeline.lock`: one writer per output folder.
+* :mod:`~connect_tp.pipeline.provenance`: fingerprints of files and the checks on resume and reuse.
+* :mod:`~connect_tp.pipeline.rundir`: the run folder's layout, result validation, merged updates.
+* :mod:`~connect_tp.pipeline.console`: messages that do not run onto progress bars.
+* :mod:`~connect_tp.pipeline.stages`: train, prune and fine-tune (imports torch).
+* :mod:`~connect_tp.pipeline.table`: the table and plot over seeds (no torch).
+
+Importing this package imports none of them; :mod:`connect_tp.cli` imports what a command needs.
+"""

@@ -1,0 +1,61 @@
+"""Names of the pruning criteria the pipeline knows, and how a name with options is read.
+
+This module only parses names (no torch import), so that the command line can check
+``--methods`` before any heavy import; :mod:`connect_tp.pruning` turns a name into a Torch-Pruning
+importance object and re-exports these functions.
+
+``connect`` takes options in its name: ``connect-k<kappa>`` (balance, ``inf`` allowed),
+``connect-lam<lambda>`` (the absolute form) and ``-bn<stats|gamma|identity>``, e.g.
+``connect-k3-bngamma``. Other methods take none.
+"""
+from __future__ import annotations
+
+import math
+import re
+from typing import Any, Dict, Tuple
+
+__all__ = ["PRUNING_METHODS", "GRADIENT_METHODS", "parse_method", "needs_gradients"]
+
+PRUNING_METHODS = ("connect", "taylor", "l1", "l2", "lamp", "random", "uniform")
+"""Importance criteria known to :func:`connect_tp.pruning.build_importance` (``connect`` also takes options)."""
+
+GRADIENT_METHODS = frozenset({"connect", "taylor"})
+"""Methods whose importance needs ``loss.backward()`` on calibration data before each step."""
+
+_CONNECT_SPEC = re.compile(r"^connect(?:-k(?P<balance>inf|[0-9.e+-]+))?(?:-lam(?P<lam>[0-9.e+-]+))?"
+                           r"(?:-bn(?P<bn_flow>[a-z]+))?$")
+
+
+def parse_method(method: str) -> Tuple[str, Dict[str, Any]]:
+    """Split a method name into the criterion and its options.
+
+    Raises:
+        ValueError: an unknown method or malformed options, naming the accepted forms.
+
+    Example:
+        >>> parse_method("connect-k3-bngamma")
+        ('connect', {'balance': 3.0, 'bn_flow': 'gamma'})
+    """
+    if method in PRUNING_METHODS:
+        return method, {}
+    match = _CONNECT_SPEC.match(method)
+    if match is None:
+        raise ValueError(f"unknown pruning method {method!r}; choose one of {list(PRUNING_METHODS)}, or "
+                         "connect-k<kappa>[-bn<stats|gamma|identity>] / connect-lam<lambda>[-bn...]")
+    options: Dict[str, Any] = {}
+    try:
+        if match["balance"] is not None:
+            options["balance"] = math.inf if match["balance"] == "inf" else float(match["balance"])
+        if match["lam"] is not None:
+            options["lam"] = float(match["lam"])
+    except ValueError:
+        raise ValueError(f"malformed number in pruning method {method!r}") from None
+    if match["bn_flow"] is not None:
+        options["bn_flow"] = match["bn_flow"]
+    return "connect", options
+
+
+def needs_gradients(method: str) -> bool:
+    """Whether the method's importance reads ``.grad`` (data-free CoNNect, ``connect-kinf``, does not)."""
+    name, options = parse_method(method)
+    return name in GRADIENT_METHODS and options.get("balance") != math.inf
