@@ -465,6 +465,20 @@ class _Job:
     resume_ckpt: bool = False
 
 
+def _check_finetune_record(ctx: Context, path: str, result: Dict[str, Any], recorded: Optional[Dict[str, Any]],
+                           want: Dict[str, Any], job: "_Job", legacy_fields: Dict[str, Any], what: str) -> None:
+    """Check a (short or full) fine-tuning result against its fingerprint, or, for a result written by
+    an older connect-tp without one, against the fields it carries; raise :class:`ProvenanceError`."""
+    if recorded is not None:
+        check_fingerprint(path, recorded, want, what=what, parent_sha=job.pruned_sha,
+                          parent_name="pruned model", fix=_FIX_FINETUNE)
+        return
+    if not job.pruned_legacy:
+        raise ProvenanceError(f"{path} holds {what} without fingerprint (written by an older connect-tp) for a "
+                              f"pruned model that has one, so it belongs to an older pruned model; {_FIX_FINETUNE}")
+    ctx.note(check_legacy_fields(path, result, legacy_fields, what=what, fix=_FIX_FINETUNE))
+
+
 def _plan_short(ctx: Context, result: Dict[str, Any], job: _Job) -> bool:
     cfg, run = ctx.cfg, ctx.run
     if not cfg["short_ft_steps"]:
@@ -474,16 +488,8 @@ def _plan_short(ctx: Context, result: Dict[str, Any], job: _Job) -> bool:
         return True
     path = run.result(job.method, job.speed_up)
     try:
-        if recorded is not None:
-            check_fingerprint(path, recorded, short_finetune_config(cfg), what="a short fine-tuning result",
-                              parent_sha=job.pruned_sha, parent_name="pruned model", fix=_FIX_FINETUNE)
-        else:
-            if not job.pruned_legacy:
-                raise ProvenanceError(f"{path} holds a short fine-tuning result without fingerprint (written by an "
-                                      f"older connect-tp) for a pruned model that has one, so it belongs to an "
-                                      f"older pruned model; {_FIX_FINETUNE}")
-            ctx.note(check_legacy_fields(path, result, {"short_finetune_steps": cfg["short_ft_steps"]},
-                                         what="a short fine-tuning result", fix=_FIX_FINETUNE))
+        _check_finetune_record(ctx, path, result, recorded, short_finetune_config(cfg), job,
+                               {"short_finetune_steps": cfg["short_ft_steps"]}, "a short fine-tuning result")
     except ProvenanceError as exc:
         if not ctx.force:
             raise
@@ -503,21 +509,13 @@ def _plan_full(ctx: Context, result: Dict[str, Any], job: _Job) -> Tuple[bool, b
     if result.get("finetuned_acc") is not None:
         recorded = (result.get("provenance") or {}).get("finetune")
         try:
-            if recorded is not None:
-                check_fingerprint(path, recorded, want, what="a fine-tuning result", parent_sha=job.pruned_sha,
-                                  parent_name="pruned model", fix=_FIX_FINETUNE)
-                expected = (recorded.get("output") or {}).get("sha256")
-                if os.path.isfile(ckpt_path) and sha256_file(ckpt_path) != expected:
-                    raise ProvenanceError(f"{ckpt_path} is not the checkpoint {path} was written from (sha256 "
-                                          f"{short_hash(sha256_file(ckpt_path))} vs {short_hash(expected)}); "
-                                          f"{_FIX_FINETUNE}")
-            else:
-                if not job.pruned_legacy:
-                    raise ProvenanceError(f"{path} holds a fine-tuning result without fingerprint (written by an "
-                                          f"older connect-tp) for a pruned model that has one, so it belongs to an "
-                                          f"older pruned model; {_FIX_FINETUNE}")
-                ctx.note(check_legacy_fields(path, result, {"finetune_epochs": cfg["ft_epochs"]},
-                                             what="a fine-tuning result", fix=_FIX_FINETUNE))
+            _check_finetune_record(ctx, path, result, recorded, want, job, {"finetune_epochs": cfg["ft_epochs"]},
+                                   "a fine-tuning result")
+            expected = (recorded or {}).get("output", {}).get("sha256")
+            if recorded is not None and os.path.isfile(ckpt_path) and sha256_file(ckpt_path) != expected:
+                raise ProvenanceError(f"{ckpt_path} is not the checkpoint {path} was written from (sha256 "
+                                      f"{short_hash(sha256_file(ckpt_path))} vs {short_hash(expected)}); "
+                                      f"{_FIX_FINETUNE}")
             return False, False
         except ProvenanceError as exc:
             if not ctx.force:
