@@ -27,6 +27,7 @@ import sys
 from typing import Any, Dict, List, Optional, Sequence
 
 from benchmarks import cifar_pruning
+from connect_tp.pipeline.table import format_stat, mean_spread
 
 KAPPA_GRID = (0.3, 1.0, 3.0, 10.0, 30.0, 100.0, math.inf)
 """Balances swept in phase 1; 0 is the ``taylor`` row (``ConnectImportance(balance=0)`` equals it exactly)."""
@@ -123,18 +124,8 @@ def run_seed(seed: int, common: List[str], resume: bool, methods: Optional[List[
 
 
 # ------------------------------------------------------------------------------------------ summary
-def _stat(values: List[float]) -> Dict[str, float]:
-    values = [v for v in values if v is not None]
-    if not values:
-        return {"mean": math.nan, "std": math.nan, "n": 0}
-    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else math.nan,
-            "n": len(values)}
-
-
-def _fmt(s: Dict[str, float]) -> str:
-    if not s["n"]:
-        return "–"
-    return f"{s['mean']:.1f}" + (f" ± {s['std']:.1f}" if s["n"] > 1 else "")
+def _fmt(stat: Dict[str, float]) -> str:
+    return format_stat(stat, digits=1)
 
 
 def _paired(results, method: str, reference: str, target: float, key: str) -> Dict[str, float]:
@@ -142,7 +133,7 @@ def _paired(results, method: str, reference: str, target: float, key: str) -> Di
     diffs = [by[(method, s)][key] - by[(reference, s)][key] for (m, s) in by
              if m == method and (reference, s) in by
              and by[(method, s)].get(key) is not None and by[(reference, s)].get(key) is not None]
-    return _stat(diffs)
+    return mean_spread(diffs)
 
 
 def stage_widths(result: Dict[str, Any]) -> str:
@@ -176,7 +167,7 @@ def summarize(run_dirs: Sequence[str], output: str) -> str:
             bases_by_seed.setdefault(base["seed"], base)
     bases = [bases_by_seed[s] for s in sorted(bases_by_seed)]
     env = results[0].get("environment", {})
-    lines = [f"Seeds {seeds}; base accuracy {_fmt(_stat([b['acc'] for b in bases]))} % "
+    lines = [f"Seeds {seeds}; base accuracy {_fmt(mean_spread([b['acc'] for b in bases]))} % "
              f"(per seed: {', '.join('%.2f' % b['acc'] for b in bases)}). "
              f"torch {env.get('torch')}, torch-pruning {env.get('torch_pruning')}, {env.get('threads')} thread(s).", ""]
 
@@ -185,7 +176,7 @@ def summarize(run_dirs: Sequence[str], output: str) -> str:
                       "| method | " + " | ".join(f"{t:g}x" for t in targets) + " |",
                       "|---|" + "---|" * len(targets)])
         for m in methods:
-            cells = [_fmt(_stat([r.get(key) for r in results if r["method"] == m and r["target_speed_up"] == t]))
+            cells = [_fmt(mean_spread([r.get(key) for r in results if r["method"] == m and r["target_speed_up"] == t]))
                      for t in targets]
             if any(c != "–" for c in cells):
                 lines.append(f"| {m} | " + " | ".join(cells) + " |")

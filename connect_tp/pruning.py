@@ -46,10 +46,10 @@ import torch_pruning as tp
 from tqdm.auto import tqdm
 
 # Method names are parsed without torch (the command line checks them before importing it).
-from .pipeline.methods import GRADIENT_METHODS, PRUNING_METHODS, needs_gradients, parse_method
+from .pipeline.methods import GRADIENT_METHODS, PRUNING_METHODS, parse_method
 
 __all__ = [
-    "PRUNING_METHODS", "GRADIENT_METHODS", "UniformRandomImportance", "parse_method", "needs_gradients",
+    "PRUNING_METHODS", "GRADIENT_METHODS", "UniformRandomImportance", "parse_method",
     "build_importance", "count_macs_and_params",
     "classifier_layers", "calibration_gradients", "PruneSnapshot", "UnreachableSpeedUp", "progressive_prune",
     "layer_channels", "signal_flow", "layer_report", "calibration_batches", "recalibrate_batchnorm",

@@ -14,7 +14,7 @@ import math
 import re
 from typing import Any, Dict, Tuple
 
-__all__ = ["PRUNING_METHODS", "GRADIENT_METHODS", "parse_method", "needs_gradients"]
+__all__ = ["PRUNING_METHODS", "GRADIENT_METHODS", "parse_method"]
 
 PRUNING_METHODS = ("connect", "taylor", "l1", "l2", "lamp", "random", "uniform")
 """Importance criteria known to :func:`connect_tp.pruning.build_importance` (``connect`` also takes options)."""
@@ -53,9 +53,3 @@ def parse_method(method: str) -> Tuple[str, Dict[str, Any]]:
     if match["bn_flow"] is not None:
         options["bn_flow"] = match["bn_flow"]
     return "connect", options
-
-
-def needs_gradients(method: str) -> bool:
-    """Whether the method's importance reads ``.grad`` (data-free CoNNect, ``connect-kinf``, does not)."""
-    name, options = parse_method(method)
-    return name in GRADIENT_METHODS and options.get("balance") != math.inf

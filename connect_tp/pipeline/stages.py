@@ -25,7 +25,7 @@ import torch
 
 from ..data import DATASETS, load_datasets
 from ..models import create_model
-from ..pruning import (build_importance, calibration_batches, count_macs_and_params, layer_report, needs_gradients,
+from ..pruning import (build_importance, calibration_batches, count_macs_and_params, layer_report,
                        parse_method, progressive_prune, recalibrate_batchnorm, UnreachableSpeedUp)
 from ..training import (DistributedContext, evaluate, fit, load_model_checkpoint, make_loader, save_model_checkpoint,
                         set_seed, short_finetune)
@@ -104,6 +104,13 @@ class Context:
             note(message)
 
 
+def _unless_forced(ctx: "Context", exc: ProvenanceError, redo: str) -> None:
+    """A provenance mismatch is an error, unless ``--force`` was given: then say what is redone."""
+    if not ctx.force:
+        raise exc
+    ctx.note(f"note: --force: {redo} ({exc})")
+
+
 def _check_training_checkpoint(path: str, ckpt: Any, want: Dict[str, Any], *, what: str, fix: str,
                                parent_sha: Optional[str] = None, parent_name: str = "",
                                parent_path: Optional[str] = None, legacy_ok: bool = True) -> Optional[str]:
@@ -172,9 +179,7 @@ def stage_train(ctx: Context) -> Dict[str, Any]:
         try:
             message = _check_base_result(ctx, base, want)
         except ProvenanceError as exc:
-            if not ctx.force:
-                raise
-            ctx.note(f"note: --force: training the base again from scratch ({exc})")
+            _unless_forced(ctx, exc, "training the base again from scratch")
             resume_ckpt = False
         else:
             if message:
@@ -188,9 +193,7 @@ def stage_train(ctx: Context) -> Dict[str, Any]:
             message = _check_training_checkpoint(run.base_ckpt, ckpt, want, what="a partly trained base model",
                                                  fix=_FIX_TRAIN)
         except ProvenanceError as exc:
-            if not ctx.force:
-                raise
-            ctx.note(f"note: --force: discarding {run.base_ckpt} and training from scratch ({exc})")
+            _unless_forced(ctx, exc, f"discarding {run.base_ckpt} and training from scratch")
             resume_ckpt = False
         else:
             if message:
@@ -438,7 +441,7 @@ def _prune_method(ctx: Context, method: str, todo: List[float], base: _Base, cal
     targets = [s for s in cfg["speed_ups"] if s <= max(todo)]
     try:
         progressive_prune(model, ctx.example_inputs, importance, targets,
-                          calibration=calibration if needs_gradients(method) else None,
+                          calibration=calibration,  # used only by importances that read .grad
                           iterative_steps=cfg["iterative_steps"], max_pruning_ratio=cfg["max_pruning_ratio"],
                           device=device, on_target=on_target, desc=f"prune {method}")
     except UnreachableSpeedUp as exc:
@@ -491,9 +494,7 @@ def _plan_short(ctx: Context, result: Dict[str, Any], job: _Job) -> bool:
         _check_finetune_record(ctx, path, result, recorded, short_finetune_config(cfg), job,
                                {"short_finetune_steps": cfg["short_ft_steps"]}, "a short fine-tuning result")
     except ProvenanceError as exc:
-        if not ctx.force:
-            raise
-        ctx.note(f"note: --force: running the short fine-tuning of {tag(job.method, job.speed_up)} again ({exc})")
+        _unless_forced(ctx, exc, f"running the short fine-tuning of {tag(job.method, job.speed_up)} again")
         return True
     return False
 
@@ -518,9 +519,7 @@ def _plan_full(ctx: Context, result: Dict[str, Any], job: _Job) -> Tuple[bool, b
                                       f"{_FIX_FINETUNE}")
             return False, False
         except ProvenanceError as exc:
-            if not ctx.force:
-                raise
-            ctx.note(f"note: --force: fine-tuning {tag(job.method, job.speed_up)} again ({exc})")
+            _unless_forced(ctx, exc, f"fine-tuning {tag(job.method, job.speed_up)} again")
             return True, False
     if os.path.isfile(ckpt_path):
         try:
@@ -529,9 +528,7 @@ def _plan_full(ctx: Context, result: Dict[str, Any], job: _Job) -> Tuple[bool, b
                 parent_sha=job.pruned_sha, parent_name="pruned model", parent_path=pruned_path,
                 legacy_ok=job.pruned_legacy)
         except ProvenanceError as exc:
-            if not ctx.force:
-                raise
-            ctx.note(f"note: --force: discarding {ckpt_path} and fine-tuning from the start ({exc})")
+            _unless_forced(ctx, exc, f"discarding {ckpt_path} and fine-tuning from the start")
             return True, False
         if message:
             ctx.note(message)

@@ -22,7 +22,7 @@ from .files import CheckpointError, atomic_write, atomic_write_json, read_json
 from .provenance import ProvenanceError
 from .rundir import validate_base, validate_result
 
-__all__ = ["stage_table", "comparable_config", "check_comparable", "TableError"]
+__all__ = ["stage_table", "comparable_config", "check_comparable", "mean_spread", "format_stat", "TableError"]
 
 
 class TableError(ProvenanceError):
@@ -67,7 +67,7 @@ def check_comparable(records: List[Tuple[str, Dict[str, Any]]]) -> None:
                     f"but {json.dumps(value)} in {path}; make one table per configuration")
 
 
-def _mean_spread(values: List[Optional[float]]) -> Dict[str, float]:
+def mean_spread(values: List[Optional[float]]) -> Dict[str, float]:
     values = [v for v in values if v is not None]
     if not values:
         return {"mean": float("nan"), "std": float("nan"), "n": 0}
@@ -75,7 +75,7 @@ def _mean_spread(values: List[Optional[float]]) -> Dict[str, float]:
             "n": len(values)}
 
 
-def _fmt(stat: Dict[str, float], digits: int = 2) -> str:
+def format_stat(stat: Dict[str, float], digits: int = 2) -> str:
     if stat["n"] == 0 or math.isnan(stat["mean"]):
         return "–"
     return f"{stat['mean']:.{digits}f}" + (f" ± {stat['std']:.{digits}f}" if stat["n"] > 1 else "")
@@ -114,17 +114,17 @@ def stage_table(run_dirs: List[str], output: str) -> Dict[str, Any]:
     for (method, target), rs in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][0])):
         rows.append({
             "method": method, "target_speed_up": target, "seeds": sorted(r["seed"] for r in rs),
-            "speed_up": _mean_spread([r["speed_up"] for r in rs]),
-            "params": _mean_spread([r["params"] for r in rs]),
-            "pruned_acc": _mean_spread([r["pruned_acc"] for r in rs]),
-            "pruned_acc_bn_recalibrated": _mean_spread([r.get("pruned_acc_bn_recalibrated") for r in rs]),
-            "finetuned_acc": _mean_spread([r.get("finetuned_acc") for r in rs]),
+            "speed_up": mean_spread([r["speed_up"] for r in rs]),
+            "params": mean_spread([r["params"] for r in rs]),
+            "pruned_acc": mean_spread([r["pruned_acc"] for r in rs]),
+            "pruned_acc_bn_recalibrated": mean_spread([r.get("pruned_acc_bn_recalibrated") for r in rs]),
+            "finetuned_acc": mean_spread([r.get("finetuned_acc") for r in rs]),
             "runs_with_collapse": sum(bool(r["collapsed_layers"]) for r in rs),
         })
-    base_acc = _mean_spread([b["acc"] for _, b in bases])
+    base_acc = mean_spread([b["acc"] for _, b in bases])
     first = results[0][1]
     lines = [f"Base model: {first['model']} on {first['dataset']} (preset {first['preset']}), accuracy "
-             f"{_fmt(base_acc)} % ({base_acc['n']} seed(s)), {first['base_macs'] / 1e6:.1f} M MACs, "
+             f"{format_stat(base_acc)} % ({base_acc['n']} seed(s)), {first['base_macs'] / 1e6:.1f} M MACs, "
              f"{first['base_params'] / 1e3:.1f} k params.",
              "",
              "| Speed-up target | Method | Speed-up | Params (k) | Acc. pruned (%) | Acc. pruned + BN recal. (%) "
@@ -132,9 +132,9 @@ def stage_table(run_dirs: List[str], output: str) -> Dict[str, Any]:
              "|---|---|---|---|---|---|---|---|"]
     for row in rows:
         params_k = {k: v / 1e3 if isinstance(v, float) and k != "n" else v for k, v in row["params"].items()}
-        lines.append(f"| {row['target_speed_up']:g}x | {row['method']} | {_fmt(row['speed_up'])}x | {_fmt(params_k, 1)} "
-                     f"| {_fmt(row['pruned_acc'])} | {_fmt(row['pruned_acc_bn_recalibrated'])} "
-                     f"| {_fmt(row['finetuned_acc'])} | {row['runs_with_collapse']}/{len(row['seeds'])} |")
+        lines.append(f"| {row['target_speed_up']:g}x | {row['method']} | {format_stat(row['speed_up'])}x | {format_stat(params_k, 1)} "
+                     f"| {format_stat(row['pruned_acc'])} | {format_stat(row['pruned_acc_bn_recalibrated'])} "
+                     f"| {format_stat(row['finetuned_acc'])} | {row['runs_with_collapse']}/{len(row['seeds'])} |")
     markdown = "\n".join(lines) + "\n"
     paths = [os.path.join(output, name) for name in ("table.md", "table.json", "plot.png")]
     atomic_write(paths[0], lambda f: f.write(markdown), binary=False)
