@@ -12,6 +12,7 @@ Presets:
     ``paper-vgg19``: VGG-19-BN / CIFAR-100, speed-ups 8x and 16x.
     ``offline``: ResNet-20 / Fashion-MNIST (10k training images), 2.5x/8x/16x, for a 2-core CPU.
     ``ranking``: ResNet-20 / all of Fashion-MNIST, five targets, every criterion (docs/benchmarks.md).
+    ``ranking-resnet56``: the same with ResNet-56 and 3 fine-tuning epochs, for a GPU.
     ``smoke``: the offline recipe on a few hundred images, for tests and CI.
 """
 from __future__ import annotations
@@ -50,6 +51,16 @@ PRESETS: Dict[str, Dict[str, Any]] = {
         dataset="fashion_mnist", model="resnet20", train_subset=None, test_subset=None, batch_size=128,
         base_epochs=8, base_lr=0.1, base_milestones=[4, 6],
         ft_epochs=1, ft_lr=0.01, ft_milestones=[], weight_decay=5e-4,
+        iterative_steps=400, calibration_samples=256, speed_ups=[1.5, 2.0, 2.5, 8.0, 16.0],
+        ft_speed_ups=[2.5, 8.0, 16.0], short_ft_steps=50,
+        methods=["connect", "taylor", "l1", "l2", "lamp", "random", "uniform"],
+    ),
+    # Issue 8, item 7: the same protocol on a GPU with the deeper ResNet-56 and longer fine-tuning
+    # (3 epochs on all 60k, LR divided by 10 for the last one).
+    "ranking-resnet56": dict(
+        dataset="fashion_mnist", model="resnet56", train_subset=None, test_subset=None, batch_size=128,
+        base_epochs=8, base_lr=0.1, base_milestones=[4, 6],
+        ft_epochs=3, ft_lr=0.01, ft_milestones=[2], weight_decay=5e-4,
         iterative_steps=400, calibration_samples=256, speed_ups=[1.5, 2.0, 2.5, 8.0, 16.0],
         ft_speed_ups=[2.5, 8.0, 16.0], short_ft_steps=50,
         methods=["connect", "taylor", "l1", "l2", "lamp", "random", "uniform"],

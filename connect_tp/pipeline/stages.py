@@ -45,13 +45,22 @@ _FIX_PRUNE_INPUT = ("prune it again from the current base (`connect-tp prune --r
 _FIX_FINETUNE = "add --force to fine-tune it again from the current pruned model, or give a new --out"
 
 
+def _torch_pruning_version() -> Optional[str]:
+    import torch_pruning
+    from importlib import metadata
+
+    try:  # some builds of the wheel lack __version__; the distribution metadata always has it
+        return getattr(torch_pruning, "__version__", None) or metadata.version("torch-pruning")
+    except metadata.PackageNotFoundError:
+        return None
+
+
 def run_environment() -> Dict[str, Any]:
     """What a timing or a result depends on besides the config: versions, threads, machine load."""
-    import torch_pruning
-
-    return {"torch": torch.__version__, "torch_pruning": torch_pruning.__version__,
+    return {"torch": torch.__version__, "torch_pruning": _torch_pruning_version(),
             "threads": torch.get_num_threads(), "cpus": os.cpu_count(), "machine": platform.machine(),
-            "load_avg_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
+            "load_avg_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+            "accelerator": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
 
 
 def _mtime(path: str) -> float:
