@@ -9,7 +9,7 @@ then the step), which is what a pruning run actually spends per step. Peak memor
 peak of live tensor memory replayed from torch.profiler's allocation records; ``torch.cuda.max_memory_allocated`` on CUDA).
 
 Usage:
-    python -m benchmarks.importance_overhead [--repeats 7] [--n-samples 4] [--device cpu]
+    python -m benchmarks.importance_overhead [--repeats 7] [--n-samples 4] [--device cpu] [--chunk-size K]
 
 Targets (issue 9): step ratio <= 3, whole-iteration ratio <= 1.05, and peak extra memory of the
 step (CoNNect's peak minus Taylor's) <= 2x the model's parameter bytes, with the default
@@ -36,10 +36,13 @@ CALIBRATION = 128  # calibration images per pruning step (one batch of the paper
 RESULTS = os.path.join(os.path.dirname(__file__), "results", "importance_overhead.json")
 
 
+CHUNK_SIZE = None  # ConnectImportance(chunk_size=...); set by --chunk-size
+
+
 def make_importance(name: str, n_samples: int):
     if name == "taylor":
         return tp.importance.GroupTaylorImportance()
-    return ConnectImportance(n_samples=n_samples)
+    return ConnectImportance(n_samples=n_samples, chunk_size=CHUNK_SIZE)
 
 
 def prepared_pruner(name: str, n_samples: int, device: str):
@@ -103,7 +106,8 @@ def peak_step_memory(name: str, n_samples: int, device: str) -> int:
 def memory_in_subprocess(name: str, n_samples: int, device: str) -> int:
     out = subprocess.run(
         [sys.executable, "-m", "benchmarks.importance_overhead", "--memory-child", name,
-         "--n-samples", str(n_samples), "--device", device],
+         "--n-samples", str(n_samples), "--device", device]
+        + (["--chunk-size", str(CHUNK_SIZE)] if CHUNK_SIZE is not None else []),
         check=True, capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(__file__)),
     )
     return int(out.stdout.strip().splitlines()[-1])
@@ -115,8 +119,13 @@ def main(argv=None) -> dict:
     parser.add_argument("--n-samples", type=int, default=4)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (1 is steadiest on a busy machine)")
+    parser.add_argument("--chunk-size", type=int, default=None,
+                        help="ConnectImportance(chunk_size=...): samples per connectivity pass (default: all)")
+    parser.add_argument("--out", default=RESULTS, help="where the JSON result is written")
     parser.add_argument("--memory-child", choices=["taylor", "connect"], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    global CHUNK_SIZE
+    CHUNK_SIZE = args.chunk_size
     torch.set_num_threads(args.threads)
     if args.memory_child:
         print(peak_step_memory(args.memory_child, args.n_samples, args.device))
@@ -135,7 +144,7 @@ def main(argv=None) -> dict:
     param_bytes = sum(p.numel() * p.element_size() for p in resnet56(num_classes=10).parameters())
     result = {
         "model": "resnet56", "device": args.device, "threads": args.threads, "n_samples": args.n_samples,
-        "repeats": args.repeats, "median_step_s": medians, "peak_step_memory_bytes": memory,
+        "repeats": args.repeats, "chunk_size": args.chunk_size, "median_step_s": medians, "peak_step_memory_bytes": memory,
         "time_ratio": medians["connect"] / medians["taylor"],
         "median_iteration_s": iteration_medians,
         "iteration_time_ratio": iteration_medians["connect"] / iteration_medians["taylor"],
@@ -143,7 +152,8 @@ def main(argv=None) -> dict:
         "extra_memory_over_param_bytes": (memory["connect"] - memory["taylor"]) / param_bytes,
         "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
     }
-    print(f"ResNet-56 pruner.step() on {args.device}, median of {args.repeats}, n_samples={args.n_samples}")
+    print(f"ResNet-56 pruner.step() on {args.device}, median of {args.repeats}, n_samples={args.n_samples}, "
+          f"chunk_size={args.chunk_size}")
     for name in times:
         print(f"  {name:8s} {medians[name] * 1e3:8.1f} ms   peak step memory {memory[name] / 2**20:7.1f} MiB")
     print(f"  time ratio connect / taylor = {result['time_ratio']:.3f}  (target <= 3)")
@@ -154,11 +164,11 @@ def main(argv=None) -> dict:
           f"ratio {result['iteration_time_ratio']:.3f} (target <= 1.05)")
     if result["load_average"] is not None:
         print("  load average (1, 5, 15 min): " + ", ".join(f"{x:.2f}" for x in result["load_average"]))
-    os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
-    tmp = RESULTS + ".tmp"
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    tmp = args.out + ".tmp"
     with open(tmp, "w") as f:
         json.dump(result, f, indent=2)
-    os.replace(tmp, RESULTS)
+    os.replace(tmp, args.out)
     return result
 
 

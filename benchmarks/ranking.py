@@ -169,7 +169,8 @@ def summarize(run_dirs: Sequence[str], output: str) -> str:
     env = results[0].get("environment", {})
     lines = [f"Seeds {seeds}; base accuracy {_fmt(mean_spread([b['acc'] for b in bases]))} % "
              f"(per seed: {', '.join('%.2f' % b['acc'] for b in bases)}). "
-             f"torch {env.get('torch')}, torch-pruning {env.get('torch_pruning')}, {env.get('threads')} thread(s).", ""]
+             f"torch {env.get('torch')}, torch-pruning {env.get('torch_pruning')}, {env.get('threads')} thread(s)"
+             + (f", {env['accelerator']}" if env.get("accelerator") else ", CPU") + ".", ""]
 
     def table(title: str, targets: Sequence[float], key: str) -> None:
         lines.extend([f"**{title}** (mean ± sample std over seeds)", "",

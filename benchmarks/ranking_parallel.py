@@ -56,8 +56,8 @@ def _copy_base(base: str, out: str) -> None:
 class Pool:
     """Runs jobs (a list of argv run one after another) in at most ``size`` processes, with a deadline."""
 
-    def __init__(self, size: int, logs: str, deadline: Optional[float]):
-        self.size, self.logs, self.deadline = size, logs, deadline
+    def __init__(self, size: int, logs: str, deadline: Optional[float], grace: float = 30.0):
+        self.size, self.logs, self.deadline, self.grace = size, logs, deadline, grace
         self.running = {}  # label -> (Popen, remaining argvs, log file)
         os.makedirs(logs, exist_ok=True)
 
@@ -99,7 +99,7 @@ class Pool:
     def stop_all(self) -> None:
         for proc, _, log in self.running.values():
             proc.terminate()
-        time.sleep(30 if self.running else 0)
+        time.sleep(self.grace if self.running else 0)
         for proc, _, log in self.running.values():
             if proc.poll() is None:
                 proc.kill()

@@ -171,6 +171,9 @@ def _add_prune_options(p: argparse.ArgumentParser) -> None:
 def _add_finetune_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("fine-tuning")
     g.add_argument("--ft-epochs", type=_int_at_least(1), default=None, help="fine-tuning epochs (default: the preset's)")
+    g.add_argument("--ft-schedule", choices=("step", "cosine"), default=None,
+                   help="learning rate: 'step' (the preset's milestones) or 'cosine' to 0 over every batch "
+                        "(default: the preset's)")
     g.add_argument("--short-ft-steps", type=_int_at_least(0), default=None,
                    help="steps of the short fixed-budget fine-tuning, 0 for none (default: the preset's)")
 
@@ -210,7 +213,7 @@ def _config(args: argparse.Namespace):
         ft_epochs=getattr(args, "ft_epochs", None), iterative_steps=getattr(args, "iterative_steps", None),
         calibration_samples=getattr(args, "calibration_samples", None),
         short_ft_steps=getattr(args, "short_ft_steps", None), connect_lam=getattr(args, "connect_lam", None),
-        max_pruning_ratio=getattr(args, "max_pruning_ratio", 1.0))
+        max_pruning_ratio=getattr(args, "max_pruning_ratio", 1.0), ft_schedule=getattr(args, "ft_schedule", None))
 
 
 def _command_line(argv: List[str]) -> str:

@@ -42,7 +42,9 @@ import torch.nn as nn
 import torch_pruning as tp
 from torch_pruning.pruner import function
 
-from .connectivity import BN_FLOWS, connectivity_inputs, describe_output_layer, log_connectivity_and_dtype
+from . import engine
+from .connectivity import (BN_FLOWS, CENTRED_TOLERANCE, _EvalMode, _explained_input_errors, _flatten,
+                           connectivity_inputs, describe_output_layer, log_connectivity_and_dtype, output_tensor)
 
 __all__ = ["ConnectImportance", "DEFAULT_BALANCE", "DEFAULT_BN_FLOW", "MAX_LAMBDA"]
 
@@ -218,6 +220,27 @@ def _inputs_from_graph(graph: Any) -> Optional[Any]:
     return _TensorSpec.of_batch(next(iter(found.values())))
 
 
+class _NotBatched(Exception):
+    """A connectivity input whose first dimension is not the batch of random samples."""
+
+
+def _batch_slice(x: Any, n: int, start: int, stop: int) -> Any:
+    """Samples ``start:stop`` of every batched tensor in a nested input of batch ``n``."""
+    if start == 0 and stop == n:
+        return x
+    if isinstance(x, torch.Tensor):
+        if x.dim() == 0:
+            return x
+        if x.shape[0] != n:
+            raise _NotBatched
+        return x[start:stop]
+    if isinstance(x, dict):
+        return {k: _batch_slice(v, n, start, stop) for k, v in x.items()}
+    if isinstance(x, (tuple, list)):
+        return type(x)(_batch_slice(v, n, start, stop) for v in x)
+    return x
+
+
 def _is_number(x: Any) -> bool:
     return not isinstance(x, bool) and isinstance(x, (int, float)) and not math.isnan(x)
 
@@ -341,6 +364,11 @@ class ConnectImportance(tp.importance.TaylorImportance):
         target_types: layer types that are scored.
         seed: seed of the random connectivity inputs (an int >= 0, or ``None``: torch's global
             generator).
+        chunk_size: how many of the ``n_samples`` random inputs one connectivity pass runs (an
+            int >= 1, or ``None``: all of them in one pass, the default). Smaller chunks keep fewer
+            activations alive for the backward (about ``chunk_size / n_samples`` of them) and cost
+            one pass per chunk; the per-chunk sums are combined with their log scales, so
+            ``log phi_tot`` and its gradient, hence the scores, are the same up to float32 rounding.
     """
 
     def __init__(
@@ -357,6 +385,7 @@ class ConnectImportance(tp.importance.TaylorImportance):
         target_types: Sequence[type] = (nn.modules.conv._ConvNd, nn.Linear,
                                         nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm),
         seed: Optional[int] = 0,
+        chunk_size: Optional[int] = None,
     ):
         if lam is not None and balance is not None:
             raise ValueError("give either lam (absolute) or balance (scale-free), not both")
@@ -376,6 +405,9 @@ class ConnectImportance(tp.importance.TaylorImportance):
             raise ValueError(f"unknown bn_flow {bn_flow!r}; choose one of {BN_FLOWS}")
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
             raise ValueError(f"seed must be an integer >= 0 or None, got {seed!r}")
+        if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
+                                       or chunk_size < 1):
+            raise ValueError(f"chunk_size must be an integer >= 1 or None, got {chunk_size!r}")
         super().__init__(group_reduction=group_reduction, normalizer=normalizer, bias=bias,
                          target_types=list(target_types))
         self.balance = None if balance is None else float(balance)
@@ -386,6 +418,7 @@ class ConnectImportance(tp.importance.TaylorImportance):
         self.batchnorm = batchnorm
         self.bn_flow = bn_flow
         self.seed = seed
+        self.chunk_size = chunk_size
         # Only a connectivity term needs the input shape; pure Taylor never watches forwards.
         self._recorder = _InputRecorder() if example_inputs is None and self.lam != 0 else None
         self._cache_key: Optional[tuple] = None
@@ -460,8 +493,15 @@ class ConnectImportance(tp.importance.TaylorImportance):
         parts = []
         with torch.no_grad():
             for group in by_kind.values():
-                parts += [n.reshape(1).to(torch.float64, copy=False) for n in torch._foreach_norm(group, 1)]
-                parts += [t.sum().reshape(1).to(torch.float64) for t in group]
+                parts.append(torch.stack(torch._foreach_norm(group, 1)).to(torch.float64))
+                # every tensor's sum from one flat copy: one segmented reduction, not one call per tensor
+                try:
+                    lengths = torch.tensor([t.numel() for t in group], device=group[0].device)
+                    flat = torch.cat([t.reshape(-1) for t in group])
+                    parts.append(torch.segment_reduce(flat, "sum", lengths=lengths, unsafe=True).to(torch.float64))
+                    del flat
+                except RuntimeError:  # a dtype or device without a segmented sum
+                    parts += [t.sum().reshape(1).to(torch.float64) for t in group]
         values = torch.cat([p.cpu() for p in parts]).tolist()
         return ident + tuple(values), all(math.isfinite(v) for v in values)
 
@@ -559,15 +599,98 @@ class ConnectImportance(tp.importance.TaylorImportance):
         leaves = {n: params[n].detach().requires_grad_(True) for n in names}
         frozen = {n: p.detach() for n, p in params.items() if n not in leaves}
         with torch.enable_grad():
-            log_phi, self._dtype = log_connectivity_and_dtype(
-                model, inputs, self.n_samples, self.seed, {**leaves, **frozen}, self._dtype, self.bn_flow)
-            grads = torch.autograd.grad(log_phi, list(leaves.values()), allow_unused=True)
-        self.last_log_connectivity = log_phi.item()
+            traced = self._traced_gradients(model, inputs, leaves, frozen) if self._dtype is None else None
+            if traced is not None:
+                self.last_log_connectivity, grads = traced
+            else:  # untraceable, not exactly representable, or a result the general path must judge
+                log_phi, self._dtype = log_connectivity_and_dtype(
+                    model, inputs, self.n_samples, self.seed, {**leaves, **frozen}, self._dtype, self.bn_flow)
+                grads = torch.autograd.grad(log_phi, list(leaves.values()), allow_unused=True)
+                self.last_log_connectivity = log_phi.item()
+                del log_phi
         self.connectivity_evaluations += 1
         self._check_depends_on_weights(model, inputs, names, params, grads)
         # Kept in float32 at least: a half-precision copy would round the small gradients that lam multiplies.
         return {id(params[n]): g.to(torch.promote_types(params[n].dtype, torch.float32))
                 for n, g in zip(names, grads) if g is not None}
+
+    def _traced_gradients(self, model: nn.Module, inputs: Any, leaves: Dict[str, torch.Tensor],
+                          frozen: Dict[str, torch.Tensor]) -> Optional[Tuple[float, List[Optional[torch.Tensor]]]]:
+        """``log phi_tot`` and its gradient by the leaves, through the engine, ``chunk_size`` samples a pass.
+
+        The random inputs are those of :func:`connect_tp.connectivity.log_connectivity` (one draw of
+        ``n_samples``, split along the batch). Chunk ``c`` gives the sum ``S_c`` of its output at
+        log scale ``s_c``; ``phi_tot = sum_c S_c e^{s_c} / n_samples`` and
+        ``d log phi_tot = sum_c w_c d log S_c`` with ``w_c = S_c e^{s_c} / sum_j S_j e^{s_j}``. Each
+        chunk's backward accumulates ``u_c d log S_c`` into the leaves' ``.grad`` (in place, so one
+        gradient per parameter is alive), with ``u_c = e^{log S_c + s_c - top}`` relative to the
+        largest chunk so far (``top``); when a later chunk is larger, the sum so far is rescaled,
+        and at the end it is divided by ``sum_c u_c``. With one chunk this is the plain gradient of
+        ``log S``. The pass keeps no layer outputs and frees each value after its last use.
+
+        Returns ``None`` (and leaves no ``.grad``) when the general path must measure instead: the
+        model is not traceable, an operation cannot be represented exactly, an input is not
+        batched, or a chunk's sum is not positive and finite (the general path then raises its
+        explanation) or the output is centred.
+        """
+        if engine.traced_graph(model) is None:
+            return None
+        n = self.n_samples
+        generator = None if self.seed is None else torch.Generator().manual_seed(self.seed)
+        samples = connectivity_inputs(model, inputs, n, generator)
+        size = n if self.chunk_size is None else min(self.chunk_size, n)
+        params = {**leaves, **frozen}
+        wanted = list(leaves.values())
+        top, total_weight, magnitudes = -math.inf, 0.0, []
+
+        def abandon() -> None:
+            for leaf in wanted:
+                leaf.grad = None
+
+        for start in range(0, n, size):
+            try:
+                chunk = _batch_slice(samples, n, start, min(start + size, n))
+                with _EvalMode(model), _explained_input_errors(chunk):
+                    out, _ = engine.run_traced(model, chunk, params, "signal", self.bn_flow, layer_outputs=False)
+            except (engine.NeedsFallback, _NotBatched):
+                return abandon()
+            plain = engine._map(out, lambda o: o.value if isinstance(o, engine.Scaled) else o)
+            tensor = output_tensor(plain)
+            found = [o for o in _flatten(out) if isinstance(o, engine.Scaled) and o.value is tensor]
+            del out, plain
+            if not found or not tensor.requires_grad:
+                return abandon()
+            log_scale = found[0].log_scale
+            del found
+            total = tensor.double().sum()
+            value = float(total.detach())
+            if not (math.isfinite(value) and value > 0):
+                return abandon()
+            magnitudes.append(math.log(float(tensor.detach().abs().sum(dtype=torch.float64))) + log_scale)
+            log_sum = math.log(value) + log_scale
+            if log_sum > top:
+                if total_weight > 0:  # the sum so far, relative to the new largest chunk
+                    factor = math.exp(top - log_sum)
+                    torch._foreach_mul_([g for g in (leaf.grad for leaf in wanted) if g is not None], factor)
+                    total_weight *= factor
+                top = log_sum
+            weight = math.exp(log_sum - top)
+            total_weight += weight
+            objective = torch.log(total) if weight == 1.0 else torch.log(total) * weight
+            del tensor, total
+            torch.autograd.backward(objective, inputs=wanted)
+            del objective
+        log_total = top + math.log(total_weight)
+        magnitude = max(magnitudes)
+        log_magnitude = magnitude + math.log(sum(math.exp(m - magnitude) for m in magnitudes))
+        if log_total <= math.log(CENTRED_TOLERANCE) + log_magnitude:
+            return abandon()
+        grads = [leaf.grad for leaf in wanted]
+        if total_weight != 1.0:
+            torch._foreach_div_([g for g in grads if g is not None], total_weight)
+        for leaf in wanted:
+            leaf.grad = None
+        return log_total - math.log(n), grads
 
     def _check_depends_on_weights(self, model: nn.Module, inputs: Any, names: List[str],
                                   params: Dict[str, torch.Tensor], grads: Sequence[Optional[torch.Tensor]]) -> None:
@@ -577,8 +700,8 @@ class ConnectImportance(tp.importance.TaylorImportance):
         output grows with its weights; it is 0 (up to rounding) when the last layer normalizes the
         output, e.g. a softmax (phi_tot is then the number of rows, a constant).
         """
-        mass = sum(float((params[n].detach() * g).abs().sum(dtype=torch.float64))
-                   for n, g in zip(names, grads) if g is not None)
+        norms = [torch.linalg.vector_norm(params[n].detach() * g, 1) for n, g in zip(names, grads) if g is not None]
+        mass = float(torch.stack([x.to(torch.float64) for x in norms]).sum()) if norms else 0.0
         if mass > _FLAT_CONNECTIVITY or self._warned_flat:
             return
         self._warned_flat = True
@@ -634,6 +757,18 @@ class ConnectImportance(tp.importance.TaylorImportance):
         return (loss_grad.to(conn_grad.dtype) - self.lam * conn_grad).to(loss_grad.dtype)
 
 
+    def _score_gradient(self, param: torch.Tensor) -> Optional[torch.Tensor]:
+        """:meth:`objective_gradient` up to its sign, which no score sees (scores are ``|W * g|``).
+
+        With the connectivity term alone this is the cached gradient itself, so scoring a group
+        allocates no negated copy of it.
+        """
+        if self.lam != 0 and (not self._use_loss or param.grad is None):
+            conn_grad = self._connectivity_grads.get(id(param))
+            if conn_grad is not None:
+                return conn_grad
+        return self.objective_gradient(param)
+
     # ------------------------------------------------------------------ scoring
     @staticmethod
     def _model_of(group) -> nn.Module:
@@ -650,7 +785,7 @@ class ConnectImportance(tp.importance.TaylorImportance):
         scores = []
         transposed = getattr(layer, "transposed", False)
         if prune_fn in _OUT_CHANNEL_FNS:
-            grad = self.objective_gradient(layer.weight)
+            grad = self._score_gradient(layer.weight)
             if grad is not None:
                 w, g = layer.weight.data, grad
                 if transposed:
@@ -658,7 +793,7 @@ class ConnectImportance(tp.importance.TaylorImportance):
                 scores.append((w[idxs] * g[idxs]).flatten(1).abs().sum(1))
             scores += self._bias_scores(layer, idxs)
         elif prune_fn in _IN_CHANNEL_FNS:
-            grad = self.objective_gradient(layer.weight)
+            grad = self._score_gradient(layer.weight)
             if grad is not None:
                 w, g = layer.weight.data, grad
                 if not transposed:
@@ -672,7 +807,7 @@ class ConnectImportance(tp.importance.TaylorImportance):
             is_layernorm = prune_fn == function.prune_layernorm_out_channels
             affine = layer.elementwise_affine if is_layernorm else layer.affine
             if affine and (is_layernorm or self.batchnorm):
-                grad = self.objective_gradient(layer.weight)
+                grad = self._score_gradient(layer.weight)
                 if grad is not None:
                     scores.append((layer.weight.data[idxs] * grad[idxs]).abs())
                 scores += self._bias_scores(layer, idxs)
@@ -681,7 +816,7 @@ class ConnectImportance(tp.importance.TaylorImportance):
     def _bias_scores(self, layer: nn.Module, idxs: List[int]) -> List[torch.Tensor]:
         if not self.bias or getattr(layer, "bias", None) is None:
             return []
-        grad = self.objective_gradient(layer.bias)
+        grad = self._score_gradient(layer.bias)
         return [] if grad is None else [(layer.bias.data[idxs] * grad[idxs]).abs()]
 
     @torch.no_grad()

@@ -7,10 +7,11 @@ removed, those weights cannot influence the output. *Layer collapse* (Tanaka et 
 the extreme case: no input-output path is left at all, the effective sparsity is 100% and the
 network computes a constant.
 
-Reachability is computed by one forward and one backward pass of 0/1 indicators through the
-network (``torch.fx`` trace, with BatchNorm and activations as identity, max-pooling as
-average-pooling, and skip connections *kept*, since an identity skip is a real path), so it is
-exact at any depth.
+Reachability is the connectivity engine's ``"effective"`` view
+(:class:`connect_tp.engine.AppendixBGraph`): one forward and one backward pass of 0/1 indicators
+through the network's ``torch.fx`` trace, with BatchNorm and activations as identity (a BatchNorm
+channel of scale exactly 0 is cut), max-pooling as average-pooling, and skip connections *kept*,
+since an identity skip is a real path; it is exact at any depth.
 
 Example:
     >>> import torch, torch.nn as nn
@@ -30,7 +31,7 @@ from typing import Dict, List, Sequence, Tuple
 import torch
 import torch.nn as nn
 
-from .regularizer import ConnectivityGraph
+from .engine import AppendixBGraph
 from .unstructured import prunable_layers
 
 __all__ = [
@@ -85,7 +86,7 @@ def sparsity_report(model: nn.Module, example_inputs, handlers=None) -> Sparsity
         example_inputs: one input, for its shape.
         handlers: extra module types, see :class:`~connect_tp.regularizer.ConnectivityGraph`.
     """
-    graph = ConnectivityGraph(model, example_inputs, skip_connections="keep", handlers=handlers)
+    graph = AppendixBGraph(model, example_inputs, skip_connections="keep", handlers=handlers)
     effective_params, effective_units = graph.reachability()
     layers = prunable_layers(model)
     if not layers:

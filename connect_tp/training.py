@@ -294,7 +294,8 @@ def fit(model: nn.Module, train_set: Dataset, test_set: Dataset, *, epochs: int,
         resume: bool = False, seed: int = 0, ctx: Optional[DistributedContext] = None,
         num_workers: int = 0, desc: str = "train", arch: Optional[Dict[str, Any]] = None,
         checkpoint_extra: Optional[Dict[str, Any]] = None, on_epoch: Optional[Callable[[int], None]] = None,
-        log: Optional[Callable[[str], None]] = None, progress: bool = True) -> Dict[str, Any]:
+        log: Optional[Callable[[str], None]] = None, progress: bool = True,
+        schedule: str = "step") -> Dict[str, Any]:
     """Train ``model`` with SGD and a step schedule; checkpoint every epoch; keep the best accuracy.
 
     Args:
@@ -314,6 +315,9 @@ def fit(model: nn.Module, train_set: Dataset, test_set: Dataset, *, epochs: int,
         on_epoch: called with the number of completed epochs after each checkpoint is written.
         log: called with a one-line summary after every epoch (rank 0 only).
         progress: show a progress bar that advances per batch with the running loss and accuracy.
+        schedule: ``"step"`` (``MultiStepLR`` at ``milestones``) or ``"cosine"``: the learning rate
+            follows a cosine from ``lr`` to 0 over every batch of the run (``milestones`` unused),
+            so a one-epoch fine-tuning ends at a small step size instead of a noisy end point.
 
     Returns:
         ``{"best_acc", "final_acc", "epochs_run", "resumed_from_epoch", "history"}``; ``history``
@@ -329,7 +333,13 @@ def fit(model: nn.Module, train_set: Dataset, test_set: Dataset, *, epochs: int,
         ids = [ctx.local_rank] if str(device).startswith("cuda") else None
         net = nn.parallel.DistributedDataParallel(model, device_ids=ids)
     optimizer = torch.optim.SGD(net.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(milestones), gamma=gamma)
+    batches = len(make_loader(train_set, batch_size, True, ctx, seed, 0, 0))
+    if schedule == "step":
+        scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(milestones), gamma=gamma)
+    elif schedule == "cosine":  # stepped per batch
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, epochs * batches))
+    else:
+        raise ValueError(f"schedule must be 'step' or 'cosine', got {schedule!r}")
     start_epoch, best_acc, history = 0, -1.0, []
     best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     resumed_from = None
@@ -347,7 +357,6 @@ def fit(model: nn.Module, train_set: Dataset, test_set: Dataset, *, epochs: int,
                                   f"delete it or run without --resume") from exc
         resumed_from = state["epoch"]
 
-    batches = len(make_loader(train_set, batch_size, True, ctx, seed, 0, 0))
     show = progress and ctx.is_main
     with tqdm(total=epochs * batches, initial=min(start_epoch, epochs) * batches, desc=desc, disable=not show,
               dynamic_ncols=True, unit="batch") as bar:
@@ -365,12 +374,15 @@ def fit(model: nn.Module, train_set: Dataset, test_set: Dataset, *, epochs: int,
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
+                if schedule == "cosine":
+                    scheduler.step()
                 value = meter.add(loss, logits, labels)
                 if not math.isfinite(value):
                     raise FloatingPointError(f"{desc}: loss became {value} in epoch {epoch}; lower the learning rate")
                 bar.update(1)
                 bar.set_postfix(meter.postfix(epoch=f"{epoch + 1}/{epochs}"), refresh=False)
-            scheduler.step()
+            if schedule == "step":
+                scheduler.step()
             acc = evaluate(model, make_loader(test_set, batch_size * 2, False, ctx, num_workers=num_workers),
                            device, ctx)["acc"]
             if acc > best_acc:

@@ -1,6 +1,5 @@
 """ConnectImportance's scale-free balance (kappa), BatchNorm treatments, freshness and arguments."""
 import math
-import warnings
 
 import pytest
 import torch

@@ -158,9 +158,8 @@ def test_taylor_mode_installs_no_hooks():
 
 def test_connectivity_is_measured_once_per_step(monkeypatch):
     calls = []
-    real = importance_module.log_connectivity_and_dtype
-    monkeypatch.setattr(importance_module, "log_connectivity_and_dtype",
-                        lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = importance_module.engine.run_traced  # both measurement routes run the engine's pass
+    monkeypatch.setattr(importance_module.engine, "run_traced", lambda *a, **k: calls.append(1) or real(*a, **k))
     model = resnet20(num_classes=10)
     example = torch.randn(1, 3, 32, 32)
     pruner = tp.pruner.MetaPruner(model, example, importance=ConnectImportance(lam=1e-3, example_inputs=example),

@@ -78,3 +78,46 @@ def test_summary_refuses_a_method_twice_for_one_seed(tmp_path):
     write_run(tmp_path / "b", [result("l2", 8.0, 71.0)])
     with pytest.raises(SystemExit, match="two run folders"):
         ranking.summarize([str(tmp_path / "a"), str(tmp_path / "b")], str(tmp_path / "out"))
+
+
+def test_parallel_plan_gives_each_seed_and_method_its_own_folder_and_the_rule_first():
+    from benchmarks import ranking_parallel
+
+    jobs = ranking_parallel.plan([0, 1], ["l2", "connect-kinf"], "ranking", "root", ["--device", "cuda"])
+    labels = [label for label, *_ in jobs]
+    # The rule's 8x/16x work for every (seed, method) comes before any 2.5x fine-tuning.
+    assert labels == ["l2/s0", "l2/s1", "connect-kinf/s0", "connect-kinf/s1",
+                      "l2/s0@2.5x", "l2/s1@2.5x", "connect-kinf/s0@2.5x", "connect-kinf/s1@2.5x"]
+    folders = {(label.split("@")[0], out) for label, _, out, _ in jobs}
+    assert len({out for _, out in folders}) == 4  # one folder per (seed, method), shared by its two jobs
+    label, base, out, argvs = jobs[2]
+    assert base == os.path.join("root", "seed0", "base") and out == os.path.join("root", "seed0", "connect-kinf")
+    assert [a[a.index("benchmarks.cifar_pruning") + 1] for a in argvs] == ["prune", "finetune"]
+    assert all("--resume" in a and a[a.index("--out") + 1] == out and "cuda" in a for a in argvs)
+    assert argvs[1][-3:] == ["--speed-up", "8", "16"] and jobs[6][3][0][-2:] == ["--speed-up", "2.5"]
+
+
+def test_parallel_pool_runs_a_job_s_commands_in_order_and_stops_at_the_deadline(tmp_path):
+    import sys
+    import time
+
+    from benchmarks.ranking_parallel import Pool
+
+    marker = tmp_path / "order.txt"
+    write = [sys.executable, "-c", f"open({str(marker)!r}, 'a').write('x')"]
+    pool = Pool(2, str(tmp_path / "logs"), deadline=None, grace=0.1)
+    pool.start("job", [write, write, [sys.executable, "-c", "raise SystemExit(3)"], write])
+    while pool.running:
+        pool.poll()
+        time.sleep(0.05)
+    assert marker.read_text() == "xx"  # the failing command ends the job: the fourth never runs
+    assert (tmp_path / "logs" / "job.log").read_text().count("$ ") == 3  # each command it ran, logged
+
+    slow = Pool(1, str(tmp_path / "logs"), deadline=time.time() + 0.5, grace=0.1)
+    slow.start("sleeper", [[sys.executable, "-c", "import time; time.sleep(60)"]])
+    while not slow.expired():
+        slow.poll()
+        time.sleep(0.05)
+    proc = slow.running["sleeper"][0]
+    slow.stop_all()
+    assert proc.poll() is not None and not slow.running

@@ -189,3 +189,15 @@ def test_lock_of_another_host_is_never_taken_over(tmp_path):
     (tmp_path / LOCK_NAME).write_text(json.dumps({"pid": 1, "host": "elsewhere", "command": "connect-tp run"}))
     with pytest.raises(LockError, match=f"another host.*delete {tmp_path / LOCK_NAME}"):
         RunLock(str(tmp_path), "mine").acquire()
+
+
+def test_ft_schedule_enters_the_fingerprint_only_when_it_is_not_the_legacy_step():
+    from connect_tp.pipeline.config import ConfigError, finetune_config
+
+    step = resolve_config("ranking", 0)
+    assert step["ft_schedule"] == "step" and "schedule" not in finetune_config(step)  # old files stay valid
+    cosine = resolve_config("ranking-cosine", 0)
+    assert finetune_config(cosine)["schedule"] == "cosine"
+    assert finetune_config(resolve_config("ranking", 0, ft_schedule="cosine"))["schedule"] == "cosine"
+    with pytest.raises(ConfigError, match="--ft-schedule must be one of step, cosine"):
+        resolve_config("ranking", 0, ft_schedule="linear")

@@ -133,3 +133,44 @@ def test_checkpoint_files_respect_the_umask(tmp_path):
     finally:
         os.umask(old)
     assert os.stat(tmp_path / "m.pt").st_mode & 0o777 == 0o644
+
+
+def test_cosine_schedule_anneals_per_batch_to_zero_and_resumes(tmp_path):
+    """``schedule="cosine"`` decays the rate every batch, ending at 0 after the last one of the run."""
+    train_set, test_set = _tiny_dataset(), _tiny_dataset(16, seed=1)
+    kwargs = dict(lr=0.05, milestones=[], batch_size=8, seed=3, arch=ARCH, schedule="cosine")
+    torch.manual_seed(0)
+    model = resnet20(num_classes=4, in_channels=1)
+    init = {k: v.clone() for k, v in model.state_dict().items()}
+    path = tmp_path / "cos.pt"
+    result = fit(model, train_set, test_set, epochs=2, checkpoint_path=str(path), **kwargs)
+    # 4 batches per epoch: epoch 2 starts half-way down the cosine, at lr/2.
+    assert [h["lr"] for h in result["history"]] == pytest.approx([0.05, 0.025])
+    assert load_checkpoint(str(path))["optimizer"]["param_groups"][0]["lr"] == pytest.approx(0.0, abs=1e-12)
+
+    # The schedule changes the weights (it acts), and a resumed run repeats the uninterrupted one.
+    step_model = resnet20(num_classes=4, in_channels=1)
+    step_model.load_state_dict(init)
+    fit(step_model, train_set, test_set, epochs=2, **dict(kwargs, schedule="step"))
+    assert not torch.allclose(step_model.fc.weight, model.fc.weight)
+    # Killed after epoch 1 (the callback raises), then resumed: the same weights as the whole run.
+    part = resnet20(num_classes=4, in_channels=1)
+    part.load_state_dict(init)
+
+    def kill(epochs_done):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        fit(part, train_set, test_set, epochs=2, checkpoint_path=str(tmp_path / "part.pt"), on_epoch=kill, **kwargs)
+    resumed = resnet20(num_classes=4, in_channels=1)
+    out = fit(resumed, train_set, test_set, epochs=2, checkpoint_path=str(tmp_path / "part.pt"), resume=True,
+              **kwargs)
+    assert out["epochs_run"] == 1 and [h["lr"] for h in out["history"]] == pytest.approx([0.05, 0.025])
+    for (name, a), b in zip(model.state_dict().items(), resumed.state_dict().values()):
+        assert torch.allclose(a.float(), b.float(), atol=1e-5), name
+
+
+def test_unknown_schedule_is_a_clear_error():
+    with pytest.raises(ValueError, match="schedule must be 'step' or 'cosine'"):
+        fit(resnet20(num_classes=4, in_channels=1), _tiny_dataset(8), _tiny_dataset(8), epochs=1, lr=0.01,
+            milestones=[], schedule="linear")

@@ -616,7 +616,8 @@ def _finetune_one(ctx: Context, job: _Job) -> Dict[str, Any]:
               milestones=cfg["ft_milestones"], weight_decay=cfg["weight_decay"], batch_size=cfg["batch_size"],
               device=device, checkpoint_path=ckpt_path, resume=job.resume_ckpt, seed=cfg["seed"], ctx=ctx.dist,
               num_workers=ctx.workers, desc=f"finetune {name}", arch=ctx.arch, checkpoint_extra={"provenance": fp},
-              on_epoch=lambda done: run.record_partial(ckpt_path, done, cfg["ft_epochs"]), log=ctx.log)
+              on_epoch=lambda done: run.record_partial(ckpt_path, done, cfg["ft_epochs"]), log=ctx.log,
+              schedule=cfg.get("ft_schedule", "step"))
     if ctx.dist.is_main:
         run.record(ckpt_path)
         fp = dict(fp, output={"path": run.rel(ckpt_path), "sha256": sha256_file(ckpt_path)})

@@ -25,10 +25,11 @@ channels with Torch-Pruning's dependency graph.
 This package re-exports its public names; each module holds one idea and may import only the
 modules listed before it:
 
-* :mod:`.flow`: the log-space flow, ``normalized_abs`` (equation 2), ``mlp_log_connectivity``.
+* :mod:`.flow`: ``normalized_abs`` (equation 2), ``mlp_log_connectivity`` (batched plain MLPs).
 * :mod:`.channel_scaler`: the ``ChannelScaler`` module.
-* :mod:`.op_rules`: how each module / function acts on the flow; ``UnsupportedModuleError``.
-* :mod:`.graph`: ``ConnectivityGraph``, the pass on a ``torch.fx`` trace.
+* :mod:`.graph`: ``ConnectivityGraph``, the public name of the connectivity engine's appendix-B
+  views (:class:`connect_tp.engine.AppendixBGraph`: the rules for every operation, the log-space
+  flow and ``UnsupportedModuleError`` live in :mod:`connect_tp.engine`).
 * :mod:`.loss`: ``ConnectRegularizer``, ``R = -log phi_tot``.
 * :mod:`.channels`: ``add_channel_scalers``, ``channel_connectivity_importance``.
 * :mod:`.pruner`: the Torch-Pruning hooks (``ConnectPruner`` and friends).
@@ -46,7 +47,7 @@ from .channels import add_channel_scalers, channel_connectivity_importance
 from .flow import mlp_log_connectivity, normalized_abs
 from .graph import ConnectivityGraph
 from .loss import ConnectRegularizer
-from .op_rules import UnsupportedModuleError
+from ..engine import UnsupportedModuleError
 from .pruner import ChannelConnectivityImportance, ChannelScalerPruner, ConnectPruner, prune_channels
 
 __all__ = [

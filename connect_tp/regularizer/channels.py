@@ -5,8 +5,8 @@
 BatchNorm, where one follows); :func:`channel_connectivity_importance` scores every scaled
 channel by the share of ``phi_tot`` that flows through it. Both work on plain models, with no
 Torch-Pruning objects (the Torch-Pruning importance built on them is in :mod:`.pruner`). This
-module uses torch, ``torch.fx`` (through :class:`~.graph.LeafTracer`), :mod:`.graph`,
-:mod:`.op_rules` and :mod:`.channel_scaler`.
+module uses torch, ``torch.fx`` (through :class:`~connect_tp.engine.LeafTracer`), the engine's
+appendix-B tables (:mod:`connect_tp.engine`), :mod:`.graph` and :mod:`.channel_scaler`.
 """
 from __future__ import annotations
 
@@ -16,8 +16,11 @@ import torch
 import torch.nn as nn
 
 from .channel_scaler import ChannelScaler, channel_scalers
-from .graph import ConnectivityGraph, LeafTracer
-from .op_rules import CONV_TYPES, WEIGHTED_TYPES, Handler, UnsupportedModuleError
+from ..engine import Handler, LeafTracer, UnsupportedModuleError
+from .graph import ConnectivityGraph
+
+CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+WEIGHTED_TYPES = (nn.Linear,) + CONV_TYPES + (ChannelScaler,)
 
 __all__ = ["add_channel_scalers", "channel_connectivity_importance"]
 

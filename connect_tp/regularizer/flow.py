@@ -1,21 +1,23 @@
-"""The connectivity flow in log space: normalized weights and a flow that cannot underflow.
+"""Normalized weights (equation 2) and the batched connectivity of plain MLPs.
 
 ``phi_tot`` of a deep network is a product of one small factor per layer (about one over the
 layer width), so the naive forward pass underflows to 0 in float32 for, e.g., a 100-layer MLP or
-ResNet-110. The pass therefore rescales the flow after every layer to unit sum and carries the
-logarithm of the scale (:class:`Flow`), which gives the exact value of ``log phi_tot`` (and exact
-gradients: the detached scale only adds a constant to the log) in any depth. This module holds
-that representation, equation (2)'s :func:`normalized_abs`, the 0/1 reachability variant
-(:class:`Binarize`) and :func:`mlp_log_connectivity`, the same computation batched over many
-plain MLPs. It uses torch alone and knows nothing of modules or graphs.
+ResNet-110. :func:`mlp_log_connectivity` therefore rescales the flow after every layer to unit
+sum and carries the logarithm of the (detached) scale, which gives the exact ``log phi_tot`` and
+exact gradients at any depth, batched over many small MLPs. Models in general go through the
+connectivity engine (:mod:`connect_tp.engine`, views ``"normalized"`` and ``"effective"``), which
+uses :func:`normalized_abs` as its edge map; ``Binarize`` now lives there and is re-exported here.
+This module uses torch (and the engine only for that re-export).
 """
 from __future__ import annotations
 
-from typing import List, Sequence, Tuple
+from typing import Sequence
 
 import torch
 
-__all__ = ["Binarize", "Flow", "align", "flows_in", "mlp_log_connectivity", "normalized_abs"]
+from ..engine import Binarize  # noqa: F401  (moved to the engine; kept importable here)
+
+__all__ = ["Binarize", "mlp_log_connectivity", "normalized_abs"]
 
 
 def normalized_abs(weight: torch.Tensor, batch_dims: int = 0) -> torch.Tensor:
@@ -33,64 +35,11 @@ def normalized_abs(weight: torch.Tensor, batch_dims: int = 0) -> torch.Tensor:
     return a / total.clamp_min(torch.finfo(a.dtype).tiny)
 
 
-class Flow:
-    """Non-negative connectivity flow ``value * exp(log_scale)``; ``value`` has sum 1 (or is 0)."""
-
-    __slots__ = ("value", "log_scale")
-
-    def __init__(self, value: torch.Tensor, log_scale: torch.Tensor):
-        self.value = value
-        self.log_scale = log_scale
-
-    def renormalized(self) -> "Flow":
-        # The scale is detached: log(sum(y / s)) + log(s) equals log(sum(y)) for any constant s,
-        # so values and gradients are exact while every intermediate stays O(1).
-        s = self.value.detach().sum()
-        s_safe = torch.where(s > 0, s, torch.ones_like(s))
-        return Flow(self.value / s_safe, self.log_scale + torch.log(s_safe))
-
-    def log_total(self) -> torch.Tensor:
-        return torch.log(self.value.sum()) + self.log_scale
-
-
-class Binarize(torch.autograd.Function):
-    """Forward: reachable-from-input indicator; backward: reachable-to-output indicator.
-
-    Used by the reachability pass (effective sparsity): both directions are kept in {0, 1}, so
-    path *existence* is computed exactly at any depth, with no underflow.
-    """
-
-    @staticmethod
-    def forward(ctx, x):
-        return (x > 0).to(x.dtype)
-
-    @staticmethod
-    def backward(ctx, g):
-        return (g > 0).to(g.dtype)
-
-
-def flows_in(obj) -> List[Flow]:
-    """Every :class:`Flow` inside ``obj`` (a flow, or nested tuples / lists / dicts of them)."""
-    if isinstance(obj, Flow):
-        return [obj]
-    if isinstance(obj, (tuple, list)):
-        return [f for o in obj for f in flows_in(o)]
-    if isinstance(obj, dict):
-        return [f for o in obj.values() for f in flows_in(o)]
-    return []
-
-
-def align(flows: Sequence[Flow]) -> Tuple[List[torch.Tensor], torch.Tensor]:
-    """Bring flows to a common scale (the largest), returning their values and that log-scale."""
-    ref = torch.stack([f.log_scale for f in flows]).max()
-    return [f.value * torch.exp(f.log_scale - ref) for f in flows], ref
-
-
 def mlp_log_connectivity(weights: Sequence[torch.Tensor], normalize: bool = True) -> torch.Tensor:
     """``log phi_tot`` of a stack of linear layers, batched over independent networks.
 
-    The same rescaled computation as :class:`~connect_tp.regularizer.ConnectivityGraph` for a
-    plain MLP (biases and activations ignored), written with batched matrix products so that many
+    The same quantity as the engine's ``"normalized"`` view (:class:`~connect_tp.regularizer.ConnectivityGraph`)
+    for a plain MLP (biases and activations ignored), written with batched matrix products so that many
     small networks can be regularized at once (the layer-collapse benchmark trains 300 MLPs side
     by side).
 

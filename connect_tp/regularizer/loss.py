@@ -4,7 +4,8 @@
 gives a differentiable scalar to add to the loss, and :meth:`ConnectRegularizer.add_grad_` adds
 ``lambda * dR/dW`` straight to the gradients after ``loss.backward()``, for training loops that
 regularize that way (Torch-Pruning's ``pruner.regularize(model)``, see :mod:`.pruner`). It uses
-torch, :mod:`.graph`, :mod:`.op_rules` (for the ``Handler`` type) and :mod:`.channel_scaler`.
+torch, :mod:`.graph` (the engine's ``"normalized"`` view), :mod:`connect_tp.engine` (for the
+``Handler`` type) and :mod:`.channel_scaler`.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import torch.nn as nn
 
 from .channel_scaler import ChannelScaler
 from .graph import ConnectivityGraph
-from .op_rules import Handler
+from ..engine import Handler
 
 __all__ = ["ConnectRegularizer"]
 

@@ -21,7 +21,7 @@ import torch_pruning as tp
 from .channel_scaler import ChannelScaler, channel_scalers
 from .channels import channel_connectivity_importance
 from .loss import ConnectRegularizer
-from .op_rules import Handler
+from ..engine import Handler
 
 __all__ = ["ChannelConnectivityImportance", "ChannelScalerPruner", "ConnectPruner", "prune_channels"]
 

@@ -1,0 +1,141 @@
+"""The cheaper paths of one pruning step give CoNNect's scores and gradients unchanged (up to float32 rounding).
+
+``ConnectImportance(chunk_size=k)`` runs the connectivity pass ``k`` samples at a time and combines
+the chunks with their log scales; the engine rebuilds folded convolution weights in the backward
+and frees values after their last use. None of this may change ``log phi_tot``, its gradient or a
+score beyond float32 rounding. (Speed and memory are measured by
+``benchmarks/importance_overhead.py``, never here.)
+"""
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torch_pruning as tp
+
+import connect_tp.importance as importance_module
+from connect_tp import ConnectImportance, engine
+from connect_tp.connectivity import log_connectivity
+from connect_tp.models import resnet20
+
+
+def trained_like_resnet20(seed=0):
+    """A ResNet-20 with non-trivial BatchNorm statistics and signed affine parameters."""
+    torch.manual_seed(seed)
+    model = resnet20(num_classes=10)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(-1.5, 1.5)
+                m.bias.uniform_(-0.3, 0.3)
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.3, 3.0)
+    return model
+
+
+def groups_of(model):
+    dg = tp.DependencyGraph().build_dependency(model, example_inputs=torch.rand(1, 3, 32, 32))
+    return list(dg.get_all_groups(ignored_layers=[model.fc], root_module_types=[nn.Conv2d, nn.Linear]))
+
+
+def scores(model, **kwargs):
+    imp = ConnectImportance(example_inputs=torch.zeros(1, 3, 32, 32), **kwargs)
+    return [imp(g) for g in groups_of(model)], imp
+
+
+@pytest.mark.parametrize("chunk_size", [1, 2, 3, 5, 8])
+def test_chunked_scores_equal_batched_scores(chunk_size):
+    model = trained_like_resnet20()
+    F.cross_entropy(model(torch.rand(8, 3, 32, 32)), torch.randint(0, 10, (8,))).backward()
+    batched, imp_b = scores(model, balance=1.0, n_samples=5)
+    chunked, imp_c = scores(model, balance=1.0, n_samples=5, chunk_size=chunk_size)
+    assert imp_c.last_log_connectivity == pytest.approx(imp_b.last_log_connectivity, rel=1e-6)
+    assert imp_c.lam == pytest.approx(imp_b.lam, rel=1e-5)
+    assert len(batched) == len(chunked) > 5
+    for a, b in zip(batched, chunked):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)
+
+
+def test_chunked_gradient_is_that_of_log_mean_phi_at_extreme_scales(monkeypatch):
+    """Per-sample sums spread over many orders of magnitude: the log-scale weighting stays exact."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 3)).double()
+    x = torch.tensor([[1e-30] * 6, [1.0] * 6, [1e-3] * 6, [1e5] * 6], dtype=torch.float64)
+
+    params = dict(model.named_parameters())
+    leaves = {n: p.detach().clone().requires_grad_(True) for n, p in params.items()}
+    # reference: log of the mean over samples of the summed output, plain float64 autograd
+    out = torch.func.functional_call(model, {n: l.abs() for n, l in leaves.items()}, (x,))
+    ref_log = torch.log(out.sum(1).mean())
+    ref_grads = torch.autograd.grad(ref_log, list(leaves.values()))
+    # the random inputs are uniform in [0, 1): put these per-sample scales in their place
+    monkeypatch.setattr(importance_module, "connectivity_inputs", lambda model_, inputs, n, generator=None: x[:n].clone())
+    for chunk_size in (None, 1, 2, 3):
+        imp = ConnectImportance(n_samples=4, chunk_size=chunk_size, example_inputs=torch.zeros(1, 6))
+        fresh = {n: p.detach().requires_grad_(True) for n, p in params.items()}
+        with torch.enable_grad():
+            log_phi, grads = imp._traced_gradients(model, x, fresh, {})
+        assert log_phi == pytest.approx(float(ref_log.detach()), rel=1e-12)
+        for g, r in zip(grads, ref_grads):
+            torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-300)
+        assert all(leaf.grad is None for leaf in fresh.values())  # the leaves keep no .grad
+
+
+def test_refolded_convolution_matches_plain_autograd():
+    """Engine gradients (folded weights rebuilt in the backward) against a plain functional forward."""
+    model = trained_like_resnet20(1).double().eval()
+    x = torch.rand(3, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    params = {n: p.detach().clone().requires_grad_(True) for n, p in model.named_parameters()}
+    out, _ = engine.run_traced(model, x, params, "signal", "stats", layer_outputs=False)
+    traced = torch.log(out.value.sum()) + out.log_scale
+    g_traced = torch.autograd.grad(traced, list(params.values()), allow_unused=True)
+    plain = torch.func.functional_call(model, {n: p.abs() for n, p in params.items()}, (x,))
+    direct = torch.log(plain.sum())
+    g_direct = torch.autograd.grad(direct, list(params.values()), allow_unused=True)
+    assert float(traced) == pytest.approx(float(direct), rel=1e-12)
+    for name, a, b in zip(params, g_traced, g_direct):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12, msg=name)
+
+
+def test_layer_outputs_can_be_dropped_without_changing_the_output():
+    model = trained_like_resnet20(3).eval()
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    kept, layers = engine.run_traced(model, x, None, "signal", "stats")
+    dropped, none = engine.run_traced(model, x, None, "signal", "stats", layer_outputs=False)
+    assert len(layers) == 22 and none == {}  # every convolution and the fc
+    assert dropped.log_scale == kept.log_scale
+    torch.testing.assert_close(dropped.value, kept.value, rtol=0, atol=0)
+
+
+def test_untraceable_and_invalid_models_still_take_the_general_path():
+    class Untraceable(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l1, self.l2 = nn.Linear(4, 4), nn.Linear(4, 2)
+
+        def forward(self, x):
+            h = self.l1(x)
+            if float(h.sum()) > -1e9:  # data-dependent control flow: torch.fx cannot trace it
+                h = F.relu(h)
+            return self.l2(h)
+
+    torch.manual_seed(0)
+    model = Untraceable()
+    assert engine.traced_graph(model) is None
+    for chunk_size in (None, 1):
+        imp = ConnectImportance(balance=math.inf, n_samples=3, chunk_size=chunk_size, example_inputs=torch.zeros(1, 4))
+        params = dict(model.named_parameters())
+        grads = imp._connectivity_gradients(model, params)
+        assert imp.last_log_connectivity == pytest.approx(float(log_connectivity(model, torch.zeros(1, 4), 3)), rel=1e-6)
+        assert len(grads) == 4
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, True, "2"])
+def test_chunk_size_is_validated(bad):
+    with pytest.raises(ValueError, match="chunk_size"):
+        ConnectImportance(chunk_size=bad)
+
+
+def test_chunk_size_defaults_to_one_pass():
+    assert ConnectImportance().chunk_size is None
