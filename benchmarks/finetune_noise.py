@@ -50,7 +50,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     path = os.path.join(args.out, "results.json")
     if os.path.exists(path) and not args.resume:
         raise SystemExit(f"error: {path} exists; add --resume to continue it, or give another --out")
-    done: Dict[str, Any] = read_json(path)["runs"] if os.path.exists(path) else {}
+    done: Dict[str, Any] = {}
+    if os.path.exists(path):
+        stored = read_json(path)
+        if (stored["base"], stored["lr"]) != (args.base, args.lr):
+            raise SystemExit(f"error: {path} holds runs of --base {stored['base']} --lr {stored['lr']:g}; "
+                             f"resume with those, or give another --out")
+        done = stored["runs"]
     os.makedirs(args.out, exist_ok=True)
 
     train_set, test_set, info = load_datasets("fashion_mnist", args.data_dir, False, None, None)

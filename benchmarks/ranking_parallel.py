@@ -99,7 +99,9 @@ class Pool:
     def stop_all(self) -> None:
         for proc, _, log in self.running.values():
             proc.terminate()
-        time.sleep(self.grace if self.running else 0)
+        end = time.time() + self.grace
+        while time.time() < end and any(proc.poll() is None for proc, _, _ in self.running.values()):
+            time.sleep(0.1)
         for proc, _, log in self.running.values():
             if proc.poll() is None:
                 proc.kill()
@@ -134,8 +136,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     queue = plan(args.seeds, methods, args.preset, args.root, common)
     while pool.running or queue:
         for label in pool.poll():
+            if not label.startswith("base/"):
+                continue
             base = os.path.join(args.root, "seed" + label[len("base/s"):], "base")
-            if label.startswith("base/") and not os.path.exists(os.path.join(base, "base.json")):
+            if not os.path.exists(os.path.join(base, "base.json")):
                 print(f"{label} failed: its seed's jobs are dropped", flush=True)
                 queue = [job for job in queue if job[1] != base]
         if pool.expired():

@@ -1138,6 +1138,11 @@ class AppendixBGraph:
         """The edge map of a view by layer: ``theta`` (differentiable in the weights) or 0/1 leaves
         ``W != 0`` that require grad."""
         from .regularizer.flow import normalized_abs
+        for name, (_, p) in self._edge_parameters().items():
+            if not bool(torch.isfinite(p.detach()).all()):  # would surface later as a vague overflow
+                raise FloatingPointError(f"layer {name!r} has non-finite weights (NaN or inf): the connectivity "
+                                         "of appendix B is undefined; fix the training that produced them "
+                                         "(e.g. a lower learning rate) or reload a finite checkpoint")
         if view == "normalized":
             return {name: normalized_abs(p) for name, (_, p) in self._edge_parameters().items()}
         if view == "effective":

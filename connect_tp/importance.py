@@ -66,6 +66,7 @@ MAX_LAMBDA = 1e12
 
 #: Below this ``sum |W * d log phi / dW|`` the connectivity is taken as independent of the weights.
 _FLAT_CONNECTIVITY = 1e-6
+_SEGMENTED_SUM_MAX_ELEMENTS = 50_000_000  # above this, the state fingerprint sums tensor by tensor
 
 _REDUCTIONS = ("sum", "mean", "max", "prod", "first", "gate", None)
 _NORMALIZERS = ("sum", "standarization", "mean", "max", "gaussian", "lamp", None)
@@ -369,6 +370,8 @@ class ConnectImportance(tp.importance.TaylorImportance):
             activations alive for the backward (about ``chunk_size / n_samples`` of them) and cost
             one pass per chunk; the per-chunk sums are combined with their log scales, so
             ``log phi_tot`` and its gradient, hence the scores, are the same up to float32 rounding.
+            Only the fx engine path chunks: a model it cannot trace (Hugging Face language models)
+            runs all samples at once and a ``RuntimeWarning`` says so.
     """
 
     def __init__(
@@ -430,6 +433,7 @@ class ConnectImportance(tp.importance.TaylorImportance):
         self._use_loss = True
         self._warned_data_free = False
         self._warned_flat = False
+        self._warned_chunks = False
         self.last_log_connectivity: Optional[float] = None
         #: How many times the connectivity gradient was computed (once per pruning step).
         self.connectivity_evaluations = 0
@@ -494,7 +498,11 @@ class ConnectImportance(tp.importance.TaylorImportance):
         with torch.no_grad():
             for group in by_kind.values():
                 parts.append(torch.stack(torch._foreach_norm(group, 1)).to(torch.float64))
-                # every tensor's sum from one flat copy: one segmented reduction, not one call per tensor
+                # every tensor's sum from one flat copy: one segmented reduction, not one call per tensor;
+                # only for models small enough that the copy is negligible (an LLM's would be GBs)
+                if sum(t.numel() for t in group) > _SEGMENTED_SUM_MAX_ELEMENTS:
+                    parts += [t.sum().reshape(1).to(torch.float64) for t in group]
+                    continue
                 try:
                     lengths = torch.tensor([t.numel() for t in group], device=group[0].device)
                     flat = torch.cat([t.reshape(-1) for t in group])
@@ -603,6 +611,12 @@ class ConnectImportance(tp.importance.TaylorImportance):
             if traced is not None:
                 self.last_log_connectivity, grads = traced
             else:  # untraceable, not exactly representable, or a result the general path must judge
+                if self.chunk_size is not None and self.chunk_size < self.n_samples and not self._warned_chunks:
+                    self._warned_chunks = True
+                    warnings.warn(f"ConnectImportance(chunk_size={self.chunk_size}) has no effect on this model: "
+                                  "it takes the general (traced-free) connectivity pass, which runs all "
+                                  f"n_samples={self.n_samples} inputs at once; lower n_samples to save memory",
+                                  RuntimeWarning, stacklevel=2)
                 log_phi, self._dtype = log_connectivity_and_dtype(
                     model, inputs, self.n_samples, self.seed, {**leaves, **frozen}, self._dtype, self.bn_flow)
                 grads = torch.autograd.grad(log_phi, list(leaves.values()), allow_unused=True)
@@ -701,7 +715,8 @@ class ConnectImportance(tp.importance.TaylorImportance):
         output, e.g. a softmax (phi_tot is then the number of rows, a constant).
         """
         norms = [torch.linalg.vector_norm(params[n].detach() * g, 1) for n, g in zip(names, grads) if g is not None]
-        mass = float(torch.stack([x.to(torch.float64) for x in norms]).sum()) if norms else 0.0
+        # Summed on the CPU: the parameters of a split model (device_map="auto") sit on several devices.
+        mass = float(sum(x.to("cpu", torch.float64) for x in norms)) if norms else 0.0
         if mass > _FLAT_CONNECTIVITY or self._warned_flat:
             return
         self._warned_flat = True

@@ -296,7 +296,7 @@ def fit(model: nn.Module, train_set: Dataset, test_set: Dataset, *, epochs: int,
         checkpoint_extra: Optional[Dict[str, Any]] = None, on_epoch: Optional[Callable[[int], None]] = None,
         log: Optional[Callable[[str], None]] = None, progress: bool = True,
         schedule: str = "step") -> Dict[str, Any]:
-    """Train ``model`` with SGD and a step schedule; checkpoint every epoch; keep the best accuracy.
+    """Train ``model`` with SGD and a learning-rate schedule; checkpoint every epoch; keep the best accuracy.
 
     Args:
         model: trained in place; on return it holds the weights of the best epoch.
@@ -346,6 +346,10 @@ def fit(model: nn.Module, train_set: Dataset, test_set: Dataset, *, epochs: int,
 
     if resume and checkpoint_path and os.path.isfile(checkpoint_path):
         state = load_checkpoint(checkpoint_path, map_location=device)
+        if state.get("schedule", "step") != schedule:  # a scheduler's state loads into the other without error
+            raise CheckpointError(f"checkpoint {checkpoint_path} was written with schedule "
+                                  f"{state.get('schedule', 'step')!r}, this run uses {schedule!r}; "
+                                  f"delete it or run without --resume")
         try:
             model.load_state_dict(state["state_dict"])
             optimizer.load_state_dict(state["optimizer"])
@@ -395,6 +399,7 @@ def fit(model: nn.Module, train_set: Dataset, test_set: Dataset, *, epochs: int,
                 save_model_checkpoint(checkpoint_path, model, arch or {}, epoch=epoch, best_acc=best_acc,
                                       history=history, best_state_dict=best_state,
                                       optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+                                      schedule=schedule,
                                       **(checkpoint_extra or {}))
             if ctx.is_main:
                 if on_epoch is not None:

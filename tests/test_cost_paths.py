@@ -7,6 +7,7 @@ score beyond float32 rounding. (Speed and memory are measured by
 ``benchmarks/importance_overhead.py``, never here.)
 """
 import math
+import warnings
 
 import pytest
 import torch
@@ -126,7 +127,13 @@ def test_untraceable_and_invalid_models_still_take_the_general_path():
     for chunk_size in (None, 1):
         imp = ConnectImportance(balance=math.inf, n_samples=3, chunk_size=chunk_size, example_inputs=torch.zeros(1, 4))
         params = dict(model.named_parameters())
-        grads = imp._connectivity_gradients(model, params)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            grads = imp._connectivity_gradients(model, params)
+            imp._connectivity_gradients(model, params)
+        # A chunk size the general path cannot honour is said, once; no chunk size, no warning.
+        said = [w for w in caught if "has no effect on this model" in str(w.message)]
+        assert len(said) == (0 if chunk_size is None else 1)
         assert imp.last_log_connectivity == pytest.approx(float(log_connectivity(model, torch.zeros(1, 4), 3)), rel=1e-6)
         assert len(grads) == 4
 

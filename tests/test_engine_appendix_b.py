@@ -210,3 +210,14 @@ def test_appendix_b_views_need_their_graph():
     graph = engine.AppendixBGraph(model, torch.ones(1, 3))
     with pytest.raises(ValueError, match="appendix-B view"):
         graph.edges("signal")
+
+
+def test_non_finite_weights_are_a_clear_error_naming_the_layer():
+    from connect_tp.regularizer import ConnectRegularizer
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 3))
+    with torch.no_grad():
+        model[2].weight[1, 1] = float("nan")
+    with pytest.raises(FloatingPointError, match="layer '2' has non-finite weights"):
+        ConnectRegularizer(model, torch.rand(1, 4))()

@@ -170,6 +170,16 @@ def test_cosine_schedule_anneals_per_batch_to_zero_and_resumes(tmp_path):
         assert torch.allclose(a.float(), b.float(), atol=1e-5), name
 
 
+def test_resume_under_the_other_schedule_is_a_clear_error(tmp_path):
+    train_set = _tiny_dataset(8)
+    path = tmp_path / "ft.pt"
+    fit(resnet20(num_classes=4, in_channels=1), train_set, train_set, epochs=1, lr=0.01, milestones=[],
+        checkpoint_path=str(path), arch=ARCH, batch_size=8, schedule="cosine")
+    with pytest.raises(CheckpointError, match="schedule 'cosine', this run uses 'step'"):
+        fit(resnet20(num_classes=4, in_channels=1), train_set, train_set, epochs=2, lr=0.01, milestones=[],
+            checkpoint_path=str(path), resume=True, batch_size=8)
+
+
 def test_unknown_schedule_is_a_clear_error():
     with pytest.raises(ValueError, match="schedule must be 'step' or 'cosine'"):
         fit(resnet20(num_classes=4, in_channels=1), _tiny_dataset(8), _tiny_dataset(8), epochs=1, lr=0.01,

@@ -55,12 +55,14 @@ def _torch_pruning_version() -> Optional[str]:
         return None
 
 
-def run_environment() -> Dict[str, Any]:
-    """What a timing or a result depends on besides the config: versions, threads, machine load."""
+def run_environment(device: Any = "cpu") -> Dict[str, Any]:
+    """What a timing or a result depends on besides the config: versions, threads, machine load, and the
+    accelerator when the run used one (None for a CPU run, also on a machine that has a GPU)."""
     return {"torch": torch.__version__, "torch_pruning": _torch_pruning_version(),
             "threads": torch.get_num_threads(), "cpus": os.cpu_count(), "machine": platform.machine(),
             "load_avg_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
-            "accelerator": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+            "accelerator": torch.cuda.get_device_name(torch.device(device))
+            if str(device).startswith("cuda") and torch.cuda.is_available() else None}
 
 
 def _mtime(path: str) -> float:
@@ -238,7 +240,7 @@ def stage_train(ctx: Context) -> Dict[str, Any]:
     if ctx.dist.is_main:
         run.record(run.base_ckpt)
         result["provenance"] = dict(fp, output={"path": run.rel(run.base_ckpt), "sha256": sha256_file(run.base_ckpt)})
-        result["environment"] = run_environment()
+        result["environment"] = run_environment(cfg["device"])
         run.write_json(result, run.base_json)
     ctx.dist.barrier()
     ctx.log(f"train: base accuracy {out['best_acc']:.2f}% ({macs / 1e6:.1f} M MACs) in {time.time() - start:.0f} s; "
@@ -438,7 +440,7 @@ def _prune_method(ctx: Context, method: str, todo: List[float], base: _Base, cal
             # The lambda actually used (a balance resolves to one at the first step) and the options.
             result.update(connect_lam=importance.lam, connect_balance=importance.balance,
                           bn_flow=importance.bn_flow)
-        result["environment"] = run_environment()
+        result["environment"] = run_environment(cfg["device"])
         result["provenance"] = {"prune": dict(fp, output={"path": run.rel(pruned_path), "sha256": pruned_sha})}
         run.write_prune_result(method, snap.target, result, pruned_sha, ctx.note)
         results.append(result)
