@@ -1,0 +1,83 @@
+"""The connectivity engine: one pass of a flow through a model's ``torch.fx`` graph, exact in float32.
+
+CoNNect measures connectivity by pushing a non-negative flow through the network with every
+weight replaced by its magnitude. The flow of a deep network grows or shrinks geometrically with
+depth (an untrained ResNet-56 reaches e^160, a 200-layer MLP with small weights e^-416), far
+outside float32. This module carries every intermediate value as ``value * exp(log_scale)``
+(:class:`Scaled`): ``value`` is renormalized to a maximum of 1 after every layer and the
+logarithm of the scale, a Python float, is carried alongside. Convolutions, linear layers,
+eval-mode BatchNorm, ReLU, pooling, reshapes and residual sums are positively homogeneous in
+(signal, additive constants), so dividing the constants (``|b|``, ``|beta|``, running means) by
+the accumulated scale together with the signal keeps every value exact, and the detached scale
+only adds a constant to ``log phi``: values and gradients are those of the plain forward pass, up
+to float32 rounding, at any depth.
+
+Five views of a network share the pass (:data:`VIEWS`); they differ in the edge map (what a
+weight contributes) and in the node policy (what the other operations do):
+
+* ``"signal"`` (CoNNect's importance, section 4.2 of the paper): edges ``|W|``, modules as they
+  are, with ``|b|``, absolute norm affine parameters, BatchNorm as ``bn_flow`` says
+  (:data:`connect_tp.connectivity.BN_FLOWS`), random non-negative inputs.
+* ``"structure"`` (the collapse report, :func:`connect_tp.pruning.layer_report`): edges ``|W|``,
+  no biases or other additive constants, BatchNorm as its scale ``|gamma| / sqrt(var + eps)``,
+  an all-ones input: the weighted sum over input-output paths.
+* ``"reach"`` (dead channels and collapse in the layer report): edges ``W != 0`` and every node
+  clipped to {0, 1}: whether a path of non-zero weights exists.
+* ``"normalized"`` (the regularizer, appendix B of the paper): edges ``theta = |W| / sum |W|``
+  per layer (a channel scaler's ``|delta| / sum |delta|``), no biases, BatchNorm / norms /
+  activations / dropout as the identity, max-pools as average pools, parameter-free skips left out
+  (or kept), an all-ones input.
+* ``"effective"`` (effective sparsity, :func:`connect_tp.sparsity.sparsity_report`): the
+  ``"normalized"`` node policy on 0/1 edges ``W != 0``, every layer clipped to {0, 1}, a BatchNorm
+  channel of scale exactly 0 cut, skips kept.
+
+The last two run on :class:`AppendixBGraph` (a trace that keeps channel scalers and handler
+modules as leaves, and the node policy :class:`_AppendixBPass`); they raise
+:class:`UnsupportedModuleError` for an operation without a rule instead of falling back.
+
+Operations that are not homogeneous (GELU, softmax, sigmoid, custom modules) are evaluated on the
+materialized value ``value * exp(log_scale)``; if that does not fit the dtype the pass raises
+:class:`NeedsFallback` and callers use the traced-free path. Models that ``torch.fx`` cannot trace
+(Hugging Face language models) take that path directly:
+:func:`connect_tp.connectivity.log_connectivity_and_dtype`, a ``torch.func.functional_call``
+forward with the same absolute-valued parameters, in the model's precision with float32 and
+float64 retries.
+
+The package, by idea:
+
+* :mod:`.scaled`: :class:`Scaled`, :class:`NeedsFallback`, :class:`Binarize` and the arithmetic of
+  scaled flows (``_map``, ``_wrap``, ``_materialize``, ``_affine``, ``_add``, ...).
+* :mod:`.trace`: :func:`traced_graph` (the cached ``torch.fx`` trace) and the folding of an eval
+  BatchNorm into the convolution it reads (``_AbsFoldedConv``).
+* :mod:`.views`: :data:`VIEWS`, the pass (``_Pass``, the node policy of the ``"signal"``,
+  ``"structure"`` and ``"reach"`` views), :func:`run_traced`, :func:`output_flow` and
+  :func:`layer_flows`.
+* :mod:`.appendix_b`: the ``"normalized"`` and ``"effective"`` views: :class:`AppendixBGraph`,
+  ``_AppendixBPass``, :class:`LeafTracer`, the module and function rules
+  (``appendix_b_module_kind``, :class:`UnsupportedModuleError`, ``Handler``).
+
+Every name callers use is re-exported here, and callers outside the package look them up here
+(``engine.run_traced``, ``from connect_tp.engine import X``): the tests replace
+``connect_tp.engine.run_traced`` to count the passes of the importance and connectivity routes.
+This package uses torch and ``torch.fx``; the appendix-B views import ``ChannelScaler`` and
+``normalized_abs`` from :mod:`connect_tp.regularizer` when they run (that package imports this
+package). :mod:`connect_tp.connectivity` builds the signal view's inputs and checks its result.
+"""
+from . import appendix_b as _appendix_b, scaled as _scaled, trace as _tracing, views as _views
+from .appendix_b import AppendixBGraph, LeafTracer, UnsupportedModuleError
+from .scaled import Binarize, NeedsFallback, Scaled
+from .trace import traced_graph
+from .views import APPENDIX_B_VIEWS, VIEWS, layer_flows, output_flow, run_traced
+
+__all__ = ["APPENDIX_B_VIEWS", "AppendixBGraph", "Binarize", "LeafTracer", "VIEWS", "NeedsFallback", "Scaled",
+           "UnsupportedModuleError", "layer_flows", "output_flow", "run_traced", "traced_graph"]
+
+# Names outside __all__ that callers read as ``engine.X`` (as when the engine was one module).
+Handler = _appendix_b.Handler
+appendix_b_module_kind = _appendix_b.appendix_b_module_kind
+_map = _scaled._map
+_materialize = _scaled._materialize
+_wrap = _scaled._wrap
+_trace = _tracing._trace
+_Pass = _views._Pass
+_AppendixBPass = _appendix_b._AppendixBPass

@@ -1,0 +1,487 @@
+"""The engine's pass and the ``"signal"``, ``"structure"`` and ``"reach"`` views.
+
+:class:`_Pass` is the node policy of those three views (the operation tables it dispatches on are
+here too); :func:`run_traced` runs a traced graph in any of the five views (:data:`VIEWS`; the
+appendix-B ones with :class:`~connect_tp.engine.appendix_b._AppendixBPass`, imported when they
+run); :func:`output_flow` picks the flow that connectivity sums and :func:`layer_flows` is the
+layer report's structure and reach pass. Uses torch, ``torch.fx`` and :mod:`.scaled`, :mod:`.trace`.
+"""
+from __future__ import annotations
+
+import math
+import operator
+from typing import Any, Dict, Mapping, Optional, Tuple
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.func import functional_call
+
+from .scaled import (Binarize, NeedsFallback, Scaled, _add, _affine, _aligned, _any_scaled, _clamp, _div,
+                     _is_scaled, _materialize, _mul, _multilinear, _wrap)
+from .trace import _CONV_TYPES, _AbsFoldedConv, _conv_batchnorm_pairs, _refolds, _trace
+
+VIEWS = ("signal", "structure", "reach", "normalized", "effective")  # the last two: see AppendixBGraph
+APPENDIX_B_VIEWS = ("normalized", "effective")  # run through appendix_b.AppendixBGraph
+
+
+# Operations that commute with a positive scale and take the flow as their first argument.
+_HOMOGENEOUS_FUNCTIONS = {
+    torch.flatten, torch.reshape, torch.permute, torch.transpose, torch.squeeze, torch.unsqueeze,
+    torch.mean, torch.sum, torch.flip, torch.roll, operator.getitem, torch.relu, F.relu,
+    F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.max_pool1d, F.max_pool2d, F.max_pool3d,
+    F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d,
+    F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool3d, F.leaky_relu,
+    F.interpolate, F.pixel_shuffle, F.pixel_unshuffle, torch.nn.functional.pad,
+}
+_HOMOGENEOUS_METHODS = {
+    "view", "reshape", "flatten", "permute", "transpose", "squeeze", "unsqueeze", "contiguous", "mean",
+    "sum", "expand", "expand_as", "repeat", "flip", "roll", "relu", "relu_", "clone", "t", "narrow",
+}
+_SPLITTING = {torch.chunk, torch.split, torch.unbind}
+_SPLITTING_METHODS = {"chunk", "split", "unbind"}
+_DROPOUT = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout}
+_ADD = {operator.add, operator.iadd, torch.add}
+_SUB = {operator.sub, operator.isub, torch.sub}
+_MUL = {operator.mul, operator.imul, torch.mul}
+_DIV = {operator.truediv, operator.itruediv, torch.div}
+_MULTILINEAR = {operator.matmul, torch.matmul, torch.mm, torch.bmm, torch.einsum}
+_CONV_FUNCTIONS = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}
+_PARAMETER_FREE_MODULES = (
+    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
+    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
+    nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
+    nn.Flatten, nn.Unflatten, nn.ZeroPad2d, nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d,
+    nn.PixelShuffle, nn.PixelUnshuffle, nn.ChannelShuffle,
+)
+
+
+_MAX_TO_AVG = {
+    nn.MaxPool1d: F.avg_pool1d, nn.MaxPool2d: F.avg_pool2d, nn.MaxPool3d: F.avg_pool3d,
+    nn.AdaptiveMaxPool1d: F.adaptive_avg_pool1d, nn.AdaptiveMaxPool2d: F.adaptive_avg_pool2d,
+    nn.AdaptiveMaxPool3d: F.adaptive_avg_pool3d,
+}
+
+
+# ------------------------------------------------------------------------------------------ the pass
+class _Pass:
+    """One run of a traced graph in one view. ``params`` are the model's (signed) parameters."""
+
+    keep_layer_outputs = True  # run_traced(layer_outputs=False) turns it off for one pass
+
+    def __init__(self, model: nn.Module, params: Mapping[str, torch.Tensor], view: str, bn_flow: str,
+                 fused: Optional[Dict[str, str]] = None):
+        self.model = model
+        self.fused = fused or {}  # conv module -> the BatchNorm module folded into it
+        self.folded = {bn: True for bn in self.fused.values()}
+        self.params = params
+        self.view = view
+        self.bn_flow = bn_flow
+        self.buffers = dict(model.named_buffers())
+        self._abs: Dict[str, torch.Tensor] = {}
+        self.layer_outputs: Dict[str, Scaled] = {}
+
+    # -- parameters in this view
+    def param(self, name: str) -> Optional[torch.Tensor]:
+        if name not in self.params:
+            return None
+        if self.view == "reach":
+            return self.params[name]  # already the 0/1 edge indicators (see run_traced)
+        if name not in self._abs:
+            self._abs[name] = self.params[name].abs()
+        return self._abs[name]
+
+    def const(self, name: str) -> Optional[torch.Tensor]:
+        """An additive constant (a bias): absent in the structure and reach views."""
+        return self.param(name) if self.view == "signal" else None
+
+    # -- nodes
+    def call_module(self, target: str, args: tuple, kwargs: dict) -> Any:
+        m = self.model.get_submodule(target)
+        x = args[0] if args else None
+        prefix = target + "."
+        if not _is_scaled(x):
+            return self.generic_module(m, prefix, args, kwargs)
+        if isinstance(m, nn.Linear):
+            w = self.param(prefix + "weight")
+            return self.finish(target, _affine(x, lambda v: F.linear(v, w), self.const(prefix + "bias")))
+        if isinstance(m, _CONV_TYPES):
+            raw = self.params.get(prefix + "weight") if self.view != "reach" else None
+            refold = _refolds(m, raw)
+            w = raw if refold else self.param(prefix + "weight")
+            b = self.const(prefix + "bias")
+            bn_target = self.fused.get(target)
+            fold_scale = None
+            if bn_target is not None:  # fold the BatchNorm that alone reads this convolution
+                scale, shift = self.bn_affine(self.model.get_submodule(bn_target), bn_target + ".", w.dtype)
+                if scale is not None:
+                    if refold:
+                        fold_scale = scale
+                    else:
+                        w = w * scale.view((-1,) + (1,) * (w.dim() - 1))
+                    b = None if b is None else b * scale
+                if shift is not None:
+                    b = shift if b is None else b + shift
+            if b is not None:
+                b = b.view((-1,) + (1,) * (x.value.dim() - 2))
+            if refold:  # |W| (and the BatchNorm scale) applied inside, rebuilt in the backward
+                return self.finish(target, _affine(x, lambda v: _AbsFoldedConv.apply(v, w, fold_scale, m), b))
+            return self.finish(target, _affine(x, lambda v: m._conv_forward(v, w, None), b))
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None:
+            return self.batchnorm(m, prefix, x)
+        if isinstance(m, (nn.ReLU, nn.LeakyReLU, nn.Identity)) or isinstance(m, nn.modules.dropout._DropoutNd) \
+                or isinstance(m, nn.Dropout) or isinstance(m, nn.AlphaDropout):
+            if isinstance(m, nn.ReLU):
+                return self.node(Scaled(F.relu(x.value), x.log_scale))
+            if isinstance(m, nn.LeakyReLU):
+                return self.node(Scaled(F.leaky_relu(x.value, m.negative_slope), x.log_scale))
+            return x
+        if isinstance(m, nn.Hardtanh):  # ReLU6 included
+            return self.node(_clamp(x, m.min_val, m.max_val))
+        if self.view == "reach" and type(m) in _MAX_TO_AVG:
+            # a max passes on one input per window; reachability needs every non-zero input
+            if isinstance(m, (nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d)):
+                return self.node(Scaled(_MAX_TO_AVG[type(m)](x.value, m.output_size)))
+            stride = m.stride if m.stride is not None else m.kernel_size
+            return self.node(Scaled(_MAX_TO_AVG[type(m)](x.value, m.kernel_size, stride, m.padding, m.ceil_mode,
+                                                         count_include_pad=False)))
+        if isinstance(m, _PARAMETER_FREE_MODULES):
+            return self.node(Scaled(m(x.value), x.log_scale))
+        if isinstance(m, (nn.LayerNorm, nn.GroupNorm)) and self.view == "signal":
+            return self.norm(m, prefix, x)
+        if self.view != "signal":
+            raise NeedsFallback(f"module {target!r} ({type(m).__name__}) has no rule in the {self.view!r} view")
+        return self.generic_module(m, prefix, args, kwargs)
+
+    def finish(self, target: str, out: Scaled) -> Scaled:
+        out = self.node(out)
+        if self.keep_layer_outputs:
+            self.layer_outputs[target] = out
+        return out
+
+    def node(self, x: Scaled) -> Scaled:
+        if self.view == "reach":
+            return Scaled(Binarize.apply(x.value))
+        return x
+
+    def bn_affine(self, m: nn.Module, prefix: str, dtype: torch.dtype) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """An eval BatchNorm in this view as ``x * scale + shift`` per channel (``None``: 1 or 0)."""
+        mode = self.bn_flow if self.view == "signal" else "gamma_over_sigma"
+        if mode == "identity":
+            return None, None
+        gamma = self.param(prefix + "weight") if m.affine else None
+        shift = None
+        if mode == "gamma":
+            scale = gamma
+        else:
+            inv_std = torch.rsqrt(self.buffers[prefix + "running_var"] + m.eps).to(dtype)
+            scale = inv_std if gamma is None else gamma * inv_std
+            if mode == "stats":
+                shift = -self.buffers[prefix + "running_mean"].to(dtype) * scale
+                if m.affine:
+                    shift = shift + self.param(prefix + "bias")
+        if self.view == "reach" and scale is not None:
+            scale = (scale != 0).to(dtype)
+        return scale, shift
+
+    def batchnorm(self, m: nn.Module, prefix: str, x: Scaled) -> Scaled:
+        if self.folded.get(prefix[:-1]):
+            return x  # already folded into the convolution that feeds it
+        scale, shift = self.bn_affine(m, prefix, x.value.dtype)
+        if scale is None and shift is None:
+            return x
+        shape = (1, -1) + (1,) * (x.value.dim() - 2)
+        linear = (lambda v: v) if scale is None else (lambda v: v * scale.view(shape))
+        return self.node(_affine(x, linear, None if shift is None else shift.view(shape)))
+
+    def norm(self, m: nn.Module, prefix: str, x: Scaled) -> Scaled:
+        """LayerNorm / GroupNorm: scale-free up to eps, which is rescaled with the signal."""
+        try:
+            eps = m.eps * math.exp(-2.0 * x.log_scale)
+        except OverflowError:
+            eps = math.inf
+        if not math.isfinite(eps) or eps > torch.finfo(x.value.dtype).max:
+            raise NeedsFallback("a normalization layer sees a signal far below its eps")
+        w, b = self.param(prefix + "weight"), self.param(prefix + "bias")
+        if isinstance(m, nn.LayerNorm):
+            return Scaled(F.layer_norm(x.value, m.normalized_shape, w, b, eps)).renormalized()
+        return Scaled(F.group_norm(x.value, m.num_groups, w, b, eps)).renormalized()
+
+    def generic_module(self, m: nn.Module, prefix: str, args: tuple, kwargs: dict) -> Any:
+        """Any other module: evaluated on plain values with |parameters|."""
+        own = {n: self.param(prefix + n) for n, _ in m.named_parameters()}
+        own.update({n: b for n, b in m.named_buffers()})
+        out = functional_call(m, own, _materialize(args), _materialize(kwargs))
+        return _wrap(out)
+
+    def call_function(self, node: fx.Node, args: tuple, kwargs: dict) -> Any:
+        target, is_method = node.target, node.op == "call_method"
+        if not _any_scaled((args, kwargs)):
+            return getattr(args[0], target)(*args[1:], **kwargs) if is_method else target(*args, **kwargs)
+        first = args[0] if args else None
+        name = target if is_method else None
+
+        def is_(functions, methods=()):
+            return (name in methods) if is_method else (target in functions)
+
+        if is_(_ADD, ("add", "add_")) and len(args) == 2:
+            return self.node(_add(args[0], args[1], kwargs.get("alpha", 1)))
+        if is_(_SUB, ("sub", "sub_")) and len(args) == 2:
+            return self.node(_add(args[0], args[1], -kwargs.get("alpha", 1)))
+        if is_(_MUL, ("mul", "mul_")) and len(args) == 2:
+            return self.node(_mul(args[0], args[1]))
+        if is_(_DIV, ("div", "div_")) and len(args) == 2 and "rounding_mode" not in kwargs:
+            return self.node(_div(args[0], args[1]))
+        if is_({operator.neg, torch.neg}, ("neg",)):
+            return Scaled(-first.value, first.log_scale)
+        if is_(_MULTILINEAR, ("matmul", "mm", "bmm")) and not kwargs:
+            if target is torch.einsum:
+                return self.node(_multilinear(lambda *a: torch.einsum(*a), args, {}))
+            fn = (lambda a, b: a @ b)
+            return self.node(_multilinear(fn, args, {}))
+        if is_({F.linear}) and _is_scaled(first) and not _any_scaled(args[1:]):
+            w = args[1] if len(args) > 1 else kwargs["weight"]
+            b = args[2] if len(args) > 2 else kwargs.get("bias")
+            return self.node(_affine(first, lambda v: F.linear(v, w), b if self.view == "signal" else None))
+        if is_(_CONV_FUNCTIONS) and _is_scaled(first) and not _any_scaled(args[1:]):
+            w = args[1] if len(args) > 1 else kwargs["weight"]
+            b = args[2] if len(args) > 2 else kwargs.get("bias")
+            rest = args[3:]
+            if b is not None and self.view == "signal":
+                b = b.view((-1,) + (1,) * (first.value.dim() - 2))
+            else:
+                b = None
+            return self.node(_affine(first, lambda v: target(v, w, None, *rest, **kwargs), b))
+        if is_(_DROPOUT):
+            return first
+        if is_({F.hardtanh, F.relu6}) and _is_scaled(first):
+            if target is F.relu6:
+                return self.node(_clamp(first, 0.0, 6.0))
+            low = args[1] if len(args) > 1 else kwargs.get("min_val", -1.0)
+            high = args[2] if len(args) > 2 else kwargs.get("max_val", 1.0)
+            return self.node(_clamp(first, low, high))
+        if is_({torch.clamp}, ("clamp", "clamp_")) and _is_scaled(first) and not _any_scaled(args[1:]):
+            low = args[1] if len(args) > 1 else kwargs.get("min")
+            high = args[2] if len(args) > 2 else kwargs.get("max")
+            if not isinstance(low, torch.Tensor) and not isinstance(high, torch.Tensor):
+                return self.node(_clamp(first, low, high))
+        if is_({torch.cat, torch.stack}) and isinstance(first, (list, tuple)) and all(_is_scaled(t) for t in first):
+            values, log_scale = _aligned(first)
+            return Scaled(target(values, *args[1:], **kwargs), log_scale)
+        if (is_(_HOMOGENEOUS_FUNCTIONS, _HOMOGENEOUS_METHODS) and _is_scaled(first)
+                and not _any_scaled((args[1:], kwargs))):
+            if target is torch.nn.functional.pad and (kwargs.get("mode", "constant") != "constant"
+                                                    or (args[3] if len(args) > 3 else kwargs.get("value", 0)) not in (0, None)):
+                pass  # a non-zero padding value is an additive constant: evaluated plainly below
+            else:
+                value = getattr(first.value, target)(*args[1:], **kwargs) if is_method else \
+                    target(first.value, *args[1:], **kwargs)
+                if target in (torch.relu, F.relu) or name in ("relu", "relu_") or target is F.leaky_relu:
+                    return self.node(Scaled(value, first.log_scale))
+                return Scaled(value, first.log_scale)
+        if is_(_SPLITTING, _SPLITTING_METHODS) and _is_scaled(first) and not _any_scaled((args[1:], kwargs)):
+            parts = getattr(first.value, target)(*args[1:], **kwargs) if is_method else \
+                target(first.value, *args[1:], **kwargs)
+            return type(parts)(Scaled(p, first.log_scale) for p in parts)
+        if target is getattr and _is_scaled(first):
+            return getattr(first.value, args[1])
+        if is_method and target in ("size", "dim", "numel", "type_as", "to", "float", "double", "half") \
+                and _is_scaled(first):
+            value = getattr(first.value, target)(*args[1:], **kwargs)
+            return Scaled(value, first.log_scale) if isinstance(value, torch.Tensor) else value
+        if self.view != "signal":
+            label = target if is_method else getattr(target, "__name__", str(target))
+            raise NeedsFallback(f"operation {label!r} has no rule in the {self.view!r} view")
+        plain_args, plain_kwargs = _materialize(args), _materialize(kwargs)
+        out = getattr(plain_args[0], target)(*plain_args[1:], **plain_kwargs) if is_method else \
+            target(*plain_args, **plain_kwargs)
+        return _wrap(out)
+
+
+def run_traced(
+    model: nn.Module,
+    inputs: Any,
+    params: Optional[Mapping[str, torch.Tensor]] = None,
+    view: str = "signal",
+    bn_flow: str = "stats",
+    graph: Optional[fx.Graph] = None,
+    policy: Optional[Mapping[str, Any]] = None,
+    layer_outputs: bool = True,
+) -> Tuple[Any, Dict[str, Scaled]]:
+    """Run ``model``'s traced graph on ``inputs`` in one view; the output keeps its :class:`Scaled` flows.
+
+    Args:
+        model: the model (its modules and buffers are read at run time; it is not modified and
+            its training flags are ignored: the pass is an eval-mode pass).
+        inputs: a tensor, a tuple of positional inputs, or a dict of inputs by argument name.
+            Floating-point tensors carry the flow; others (token ids) are used as they are.
+        params: the tensors standing for the model's parameters, by name (gradients flow to them);
+            defaults to the model's own. The pass takes their absolute values, except in the
+            ``"reach"`` view, where they are the 0/1 edge indicators themselves (by default
+            ``param != 0``).
+        view: one of :data:`VIEWS`.
+        bn_flow: BatchNorm treatment of the ``"signal"`` view.
+        graph: a graph from :func:`traced_graph` (traced here when omitted).
+        policy: for the appendix-B views (``"normalized"``, ``"effective"``) only, the node
+            policy's settings ``{"graph": AppendixBGraph, "skip_connections": ...}``; those views
+            run on that object's leaf trace, with no BatchNorm folding (use :class:`AppendixBGraph`).
+        layer_outputs: keep the flow after every linear and convolution layer (``False``: the
+            returned dict is empty and each layer's output is freed once the next layers used it,
+            which is what a caller that only wants ``log phi`` and its gradient needs).
+
+    Returns:
+        ``(output, layer_outputs)``: the model's output structure with :class:`Scaled` in place of
+        flow tensors, and the flow after every linear and convolution layer by module name.
+
+    Raises:
+        NeedsFallback: the model cannot be traced, or an operation cannot be represented exactly.
+    """
+    if view not in VIEWS:
+        raise ValueError(f"unknown view {view!r}; choose one of {VIEWS}")
+    if view in APPENDIX_B_VIEWS:  # the caller's leaf trace; BatchNorm is the identity, nothing to fold
+        if graph is None or policy is None:
+            raise ValueError(f"the {view!r} view runs through AppendixBGraph (it needs its trace and policy)")
+        traced, fused_nodes = graph, {}
+    else:
+        traced, fused_nodes = _trace(model)
+    if graph is None:
+        graph = traced
+    elif view not in APPENDIX_B_VIEWS:
+        fused_nodes = _conv_batchnorm_pairs(model, graph)
+    if graph is None:
+        raise NeedsFallback(f"{type(model).__name__} cannot be traced by torch.fx")
+    targets = {n.name: n.target for n in graph.nodes}
+    fused = {targets[conv]: targets[bn] for conv, bn in fused_nodes.items()}
+    if len(set(fused.values())) != len(fused) or any(
+            sum(1 for n in graph.nodes if n.op == "call_module" and n.target in (c, b)) != 2
+            for c, b in fused.items()):
+        fused = {}  # a module called more than once: no folding
+    if params is None:
+        params = dict(model.named_parameters())
+        if view == "reach":
+            params = {n: (p.detach() != 0).to(p.dtype) for n, p in params.items()}
+    if view in APPENDIX_B_VIEWS:
+        from .appendix_b import _AppendixBPass  # imported on use: appendix_b imports this module
+        run = _AppendixBPass(model, params, view, **policy)
+    else:
+        run = _Pass(model, params, view, bn_flow, fused)
+    run.keep_layer_outputs = layer_outputs
+    env: Dict[fx.Node, Any] = {}
+    # Each value is dropped after its last user ran: autograd keeps what the backward needs, the
+    # rest (layer outputs a ReLU replaced, residual inputs after the sum) is freed at once.
+    last_user = {used: node for node in graph.nodes for used in node.all_input_nodes}
+    dead_after: Dict[fx.Node, list] = {}
+    for used, node in last_user.items():
+        dead_after.setdefault(node, []).append(used)
+    positional = list(inputs) if isinstance(inputs, (tuple, list)) else [inputs]
+    placeholder_index = 0
+    for node in graph.nodes:
+        if node.op == "placeholder":
+            if isinstance(inputs, Mapping):
+                value = inputs.get(node.target, node.args[0] if node.args else None)
+            elif placeholder_index < len(positional):
+                value = positional[placeholder_index]
+            else:
+                value = node.args[0] if node.args else None
+            placeholder_index += 1
+            env[node] = Scaled(value) if isinstance(value, torch.Tensor) and value.is_floating_point() else value
+            continue
+        args = fx.node.map_arg(node.args, lambda n: env[n])
+        kwargs = fx.node.map_arg(node.kwargs, lambda n: env[n])
+        if node.op == "output":
+            return args[0], run.layer_outputs
+        if node.op == "get_attr":
+            value = run.param(node.target)
+            if value is None:
+                obj: Any = model
+                for part in node.target.split("."):
+                    obj = getattr(obj, part)
+                value = obj
+            env[node] = value
+        elif node.op == "call_module":
+            env[node] = run.call_module(node.target, args, kwargs)
+        else:
+            env[node] = run.call_function(node, args, kwargs)
+        for used in dead_after.get(node, ()):
+            env.pop(used, None)
+    raise RuntimeError("fx graph has no output node")  # pragma: no cover
+
+
+def output_flow(output: Any) -> Any:
+    """The flow of a model's output that connectivity sums: its logits.
+
+    A :class:`Scaled`, a dict's (or ``ModelOutput``'s) ``logits``, else the first flow with a batch
+    dimension in a dict, tuple or list (a 0-dim loss is skipped). Returns ``None`` when the output
+    holds no flow.
+    """
+    if isinstance(output, Scaled):
+        return output
+    logits = output.get("logits") if isinstance(output, Mapping) else getattr(output, "logits", None)
+    if isinstance(logits, Scaled):
+        return logits
+    items = list(output.values()) if isinstance(output, Mapping) else \
+        list(output) if isinstance(output, (tuple, list)) else []
+    for item in items:
+        found = output_flow(item)
+        if found is not None and found.value.dim() > 0:
+            return found
+    return None
+
+
+def layer_flows(model: nn.Module, example_inputs: Any) -> Dict[str, Any]:
+    """The structural flow of a network and, per layer and output channel, its share and reachability.
+
+    Two views of one traced pass on an all-ones input (one sample, the model's dtype):
+
+    * ``"structure"``: ``phi`` is the sum over input-output paths of the product of ``|W|`` and
+      BatchNorm scales ``|gamma| / sqrt(var + eps)`` (no biases, no shifts); the *share* of an
+      output channel is ``sum |W_c| * d log phi / d |W_c|``, the fraction of ``phi`` through it.
+    * ``"reach"``: whether a path of non-zero weights (and non-zero BatchNorm scales) leads from the
+      input through the channel to the output, exactly, whatever the magnitudes.
+
+    Returns:
+        ``{"log_phi": float (-inf when no path is left), "shares": {layer: float64 tensor},
+        "alive": {layer: bool tensor}, "connected": bool}`` for every convolution and linear layer.
+
+    Raises:
+        NeedsFallback: the model cannot be traced or has an operation without a rule.
+    """
+    first = example_inputs[0] if isinstance(example_inputs, (tuple, list)) else example_inputs
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    device = next((p.device for p in model.parameters()), first.device)
+    ones = torch.ones((1,) + tuple(first.shape[1:]), dtype=dtype, device=device)
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, (nn.Linear,) + _CONV_TYPES)}
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    weights = {name: params[name + ".weight"].clone().requires_grad_(True) for name in layers}
+    params.update({name + ".weight": w for name, w in weights.items()})
+    result: Dict[str, Any] = {}
+    with torch.enable_grad():
+        out, _ = run_traced(model, ones, params, "structure")
+        flow = output_flow(out)
+        total = flow.value.double().sum() if flow is not None else torch.zeros((), dtype=torch.float64)
+        if float(total.detach()) > 0:
+            grads = torch.autograd.grad(torch.log(total), list(weights.values()), allow_unused=True)
+            result["log_phi"] = math.log(float(total.detach())) + flow.log_scale
+        else:
+            grads = [None] * len(weights)
+            result["log_phi"] = -math.inf
+        result["shares"] = {
+            name: (w.detach().double() * g.double()).flatten(1).sum(1) if g is not None
+            else torch.zeros(w.shape[0], dtype=torch.float64, device=w.device)
+            for (name, w), g in zip(weights.items(), grads)}
+        masks = {n: (p != 0).to(dtype).requires_grad_(True) for n, p in params.items()}
+        out, _ = run_traced(model, ones, {**params, **masks}, "reach")
+        flow = output_flow(out)
+        reach_total = flow.value.sum() if flow is not None else torch.zeros(())
+        wanted = [masks[name + ".weight"] for name in layers]
+        if float(reach_total.detach()) > 0:
+            mask_grads = torch.autograd.grad(reach_total, wanted, allow_unused=True)
+        else:
+            mask_grads = [None] * len(wanted)
+    result["alive"] = {
+        name: ((m.detach() > 0) & (g > 0)).flatten(1).any(1) if g is not None
+        else torch.zeros(m.shape[0], dtype=torch.bool, device=m.device)
+        for name, m, g in zip(layers, wanted, mask_grads)}
+    result["connected"] = float(reach_total.detach()) > 0
+    return result
