@@ -60,14 +60,33 @@ def read_results(run_dirs: Sequence[str]) -> List[Dict[str, Any]]:
     return [r for _, r in results]
 
 
-def rule_score(results: List[Dict[str, Any]], method: str) -> Optional[float]:
-    """Mean over seeds of the mean fine-tuned accuracy at :data:`RULE_TARGETS` (None if incomplete)."""
+def _rule_accuracies(results: List[Dict[str, Any]], method: str) -> Dict[int, float]:
+    """Per seed, the mean fine-tuned accuracy at :data:`RULE_TARGETS` (seeds missing a target left out)."""
     per_seed: Dict[int, List[float]] = {}
     for r in results:
         if r["method"] == method and r["target_speed_up"] in RULE_TARGETS and r.get("finetuned_acc") is not None:
             per_seed.setdefault(r["seed"], []).append(r["finetuned_acc"])
-    complete = [statistics.fmean(v) for v in per_seed.values() if len(v) == len(RULE_TARGETS)]
-    return statistics.fmean(complete) if complete else None
+    return {s: statistics.fmean(v) for s, v in per_seed.items() if len(v) == len(RULE_TARGETS)}
+
+
+def finished_seeds(results: List[Dict[str, Any]]) -> List[int]:
+    """Seeds whose whole grid (Taylor and every kappa) has the rule's numbers: the only ones the rule reads.
+
+    A seed still running would otherwise weigh in for some methods and not others.
+    """
+    grid = ["taylor"] + [kappa_method(k) for k in KAPPA_GRID]
+    seeds = sorted({r["seed"] for r in results})
+    return [s for s in seeds if all(s in _rule_accuracies(results, m) for m in grid)]
+
+
+def rule_score(results: List[Dict[str, Any]], method: str) -> Optional[float]:
+    """Mean over the :func:`finished_seeds` of the mean fine-tuned accuracy at :data:`RULE_TARGETS`
+    (None when the method lacks one of those seeds, or no seed is finished)."""
+    seeds = finished_seeds(results)
+    per_seed = _rule_accuracies(results, method)
+    if not seeds or any(s not in per_seed for s in seeds):
+        return None
+    return statistics.fmean(per_seed[s] for s in seeds)
 
 
 def choose_kappa(results: List[Dict[str, Any]]) -> Optional[float]:
@@ -212,7 +231,8 @@ def summarize(run_dirs: Sequence[str], output: str) -> str:
     lines.append("")
     scores = {m: rule_score(results, m) for m in methods}
     kappa = choose_kappa(results)
-    lines.append("Rule score (mean fine-tuned accuracy over 8x and 16x): " + ", ".join(
+    lines.append(f"Rule score (mean fine-tuned accuracy over 8x and 16x, over the finished seeds "
+                 f"{finished_seeds(results)}): " + ", ".join(
         f"{m} {v:.2f}" for m, v in sorted(scores.items(), key=lambda kv: -(kv[1] or -1)) if v is not None))
     lines.append("")
     lines.append(f"Kappa chosen by the rule: {'not yet (grid incomplete)' if kappa is None else f'{kappa:g}'}")

@@ -121,3 +121,12 @@ def test_parallel_pool_runs_a_job_s_commands_in_order_and_stops_at_the_deadline(
     proc = slow.running["sleeper"][0]
     slow.stop_all()
     assert proc.poll() is not None and not slow.running
+
+
+def test_rule_reads_only_seeds_whose_grid_is_finished():
+    seed0 = grid_results(math.inf, seeds=(0,))
+    # Seed 1 is still running: only Taylor has its numbers, very high ones. It must not count.
+    running = [dict(r, seed=1, finetuned_acc=99.0) for r in seed0 if r["method"] == "taylor"]
+    assert ranking.finished_seeds(seed0 + running) == [0]
+    assert ranking.rule_score(seed0 + running, "taylor") == ranking.rule_score(seed0, "taylor")
+    assert ranking.choose_kappa(seed0 + running) == math.inf
