@@ -15,6 +15,7 @@ DEVICE=${DEVICE:-cuda}
 DEADLINE=${DEADLINE:-460}   # seconds after start; the drivers then stop within ~30 s
 R20_WORKERS=${R20_WORKERS:-14}
 R56_WORKERS=${R56_WORKERS:-2}
+PRESET=${PRESET:-ranking}   # ranking-cosine: the lower-noise fine-tuning (docs/benchmarks.md)
 mkdir -p "$OUT"
 if [ -d .whl ]; then  # always the carried version (an image may hold another torch_pruning)
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
@@ -31,8 +32,8 @@ EOF
 PACKER=$!
 DATA=.fmnist
 [ -d "$DATA" ] || DATA=/usr/share/datasets/fashion-mnist
-python3 -m benchmarks.ranking_parallel --seeds 0 1 2 --workers "$R20_WORKERS" --device "$DEVICE" \
-  --data-dir "$DATA" --root runs/gpu/ranking --deadline "$DEADLINE" > "$OUT/driver-resnet20.log" 2>&1 &
+python3 -m benchmarks.ranking_parallel --seeds 0 1 2 --preset "$PRESET" --workers "$R20_WORKERS" --device "$DEVICE" \
+  --data-dir "$DATA" --root "runs/gpu/$PRESET" --deadline "$DEADLINE" > "$OUT/driver-resnet20.log" 2>&1 &
 python3 -m benchmarks.ranking_parallel --seeds 0 --preset ranking-resnet56 --workers "$R56_WORKERS" \
   --methods connect-kinf l2 taylor connect-k3 connect-k1 random uniform lamp l1 \
   --device "$DEVICE" --data-dir "$DATA" --root runs/gpu/ranking-resnet56 --deadline "$DEADLINE" \
@@ -40,5 +41,7 @@ python3 -m benchmarks.ranking_parallel --seeds 0 --preset ranking-resnet56 --wor
 wait %2 %3
 kill $PACKER 2>/dev/null
 tail -n 3 "$OUT"/driver-*.log
-tar czf "$OUT/results.tgz" $(find runs/gpu -name '*.json') runs/gpu/*/logs
+# Results, logs and the base models (about 1-3 MB each): a later lease continues from them when the
+# tarball is unpacked into the working tree again (the drivers resume).
+tar czf "$OUT/results.tgz" $(find runs/gpu -name '*.json') $(find runs/gpu -path '*/base/base.pt') runs/gpu/*/logs
 echo "packed $(find runs/gpu -path '*results/*.json' | wc -l) results"
