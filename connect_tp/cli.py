@@ -29,7 +29,7 @@ import sys
 import time
 from typing import Any, Callable, List, Optional
 
-from .pipeline.config import PRESETS, ConfigError, check_speed_up, resolve_config
+from .pipeline.config import FT_SCHEDULES, PRESETS, ConfigError, check_speed_up, resolve_config
 from .pipeline.methods import PRUNING_METHODS, parse_method
 
 __all__ = ["build_parser", "main"]
@@ -171,7 +171,7 @@ def _add_prune_options(p: argparse.ArgumentParser) -> None:
 def _add_finetune_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("fine-tuning")
     g.add_argument("--ft-epochs", type=_int_at_least(1), default=None, help="fine-tuning epochs (default: the preset's)")
-    g.add_argument("--ft-schedule", choices=("step", "cosine"), default=None,
+    g.add_argument("--ft-schedule", choices=FT_SCHEDULES, default=None,
                    help="learning rate: 'step' (the preset's milestones) or 'cosine' to 0 over every batch "
                         "(default: the preset's)")
     g.add_argument("--short-ft-steps", type=_int_at_least(0), default=None,

@@ -344,12 +344,21 @@ def _measure_traced(model: nn.Module, params: Mapping[str, torch.Tensor], inputs
             out, _ = engine.run_traced(model, inputs, params, "signal", bn_flow)
     except engine.NeedsFallback:
         return None
+    tensor, log_scale = traced_output(out)
+    flat = tensor.double().flatten(1)
+    log_scale = 0.0 if log_scale is None else log_scale
+    return flat.sum(1).mean(), float(flat.detach().abs().sum(1).mean()), log_scale
+
+
+def traced_output(out: Any) -> Tuple[torch.Tensor, Optional[float]]:
+    """The output tensor of an engine pass (:func:`output_tensor` of its plain values) and its log
+    scale (``None`` when that tensor is not a scaled flow, e.g. a constant output)."""
+    from . import engine
+
     plain = engine._map(out, lambda o: o.value if isinstance(o, engine.Scaled) else o)
     tensor = output_tensor(plain)
-    found = [o for o in _flatten(out) if isinstance(o, engine.Scaled) and o.value is tensor]
-    log_scale = found[0].log_scale if found else 0.0
-    flat = tensor.double().flatten(1)
-    return flat.sum(1).mean(), float(flat.detach().abs().sum(1).mean()), log_scale
+    found = [o.log_scale for o in _flatten(out) if isinstance(o, engine.Scaled) and o.value is tensor]
+    return tensor, (found[0] if found else None)
 
 
 def _flatten(obj: Any) -> List[Any]:

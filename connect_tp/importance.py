@@ -43,8 +43,8 @@ import torch_pruning as tp
 from torch_pruning.pruner import function
 
 from . import engine
-from .connectivity import (BN_FLOWS, CENTRED_TOLERANCE, _EvalMode, _explained_input_errors, _flatten,
-                           connectivity_inputs, describe_output_layer, log_connectivity_and_dtype, output_tensor)
+from .connectivity import (BN_FLOWS, CENTRED_TOLERANCE, _EvalMode, _explained_input_errors, connectivity_inputs,
+                           describe_output_layer, log_connectivity_and_dtype, traced_output)
 
 __all__ = ["ConnectImportance", "DEFAULT_BALANCE", "DEFAULT_BN_FLOW", "MAX_LAMBDA"]
 
@@ -668,14 +668,10 @@ class ConnectImportance(tp.importance.TaylorImportance):
                     out, _ = engine.run_traced(model, chunk, params, "signal", self.bn_flow, layer_outputs=False)
             except (engine.NeedsFallback, _NotBatched):
                 return abandon()
-            plain = engine._map(out, lambda o: o.value if isinstance(o, engine.Scaled) else o)
-            tensor = output_tensor(plain)
-            found = [o for o in _flatten(out) if isinstance(o, engine.Scaled) and o.value is tensor]
-            del out, plain
-            if not found or not tensor.requires_grad:
+            tensor, log_scale = traced_output(out)
+            del out
+            if log_scale is None or not tensor.requires_grad:
                 return abandon()
-            log_scale = found[0].log_scale
-            del found
             total = tensor.double().sum()
             value = float(total.detach())
             if not (math.isfinite(value) and value > 0):

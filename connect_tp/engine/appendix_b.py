@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .scaled import Binarize, Scaled, _aligned, _any_scaled
-from .trace import _CONV_TYPES
+from .trace import CONV_TYPES
 from .views import APPENDIX_B_VIEWS, _ADD, _DIV, _MAX_TO_AVG, _MUL, _Pass, run_traced
 
 
@@ -79,7 +79,7 @@ def appendix_b_module_kind(m: nn.Module, handlers: Mapping[type, Handler]) -> Op
     ``"scaler"``, ``"identity"``, ``"maxpool"``, ``"adaptive_maxpool"``, ``"linear"`` or ``None``."""
     if type(m) in handlers:
         return "handler"
-    if isinstance(m, (nn.Linear,) + _CONV_TYPES):
+    if isinstance(m, (nn.Linear,) + CONV_TYPES):
         return "weighted"
     if isinstance(m, _channel_scaler_type()):
         return "scaler"
@@ -107,7 +107,7 @@ def _b_check_module(name: str, m: nn.Module, handlers: Mapping[type, Handler]) -
             f"handlers={{{type(m).__name__}: fn}} with fn(module, x) returning the "
             "non-negative linear image of the flow x."
         )
-    if isinstance(m, _CONV_TYPES) and m.padding_mode != "zeros":
+    if isinstance(m, CONV_TYPES) and m.padding_mode != "zeros":
         raise UnsupportedModuleError(
             f"convolution {name!r} uses padding_mode={m.padding_mode!r}; only "
             "zero padding is supported by the connectivity pass"

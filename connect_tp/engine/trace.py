@@ -18,7 +18,7 @@ import torch.nn as nn
 # ------------------------------------------------------------------------------------------ tracing
 _TRACES: "weakref.WeakKeyDictionary[nn.Module, Tuple[tuple, Optional[fx.Graph], Dict[str, str]]]" = \
     weakref.WeakKeyDictionary()
-_CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
 def _trace(model: nn.Module) -> Tuple[Optional[fx.Graph], Dict[str, str]]:
@@ -44,7 +44,7 @@ def _conv_batchnorm_pairs(model: nn.Module, graph: fx.Graph) -> Dict[str, str]:
     modules = dict(model.named_modules())
     pairs = {}
     for node in graph.nodes:
-        if node.op != "call_module" or not isinstance(modules.get(node.target), _CONV_TYPES):
+        if node.op != "call_module" or not isinstance(modules.get(node.target), CONV_TYPES):
             continue
         users = list(node.users)
         if len(users) != 1 or users[0].op != "call_module" or users[0].args[:1] != (node,):

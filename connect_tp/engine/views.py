@@ -20,7 +20,7 @@ from torch.func import functional_call
 
 from .scaled import (Binarize, NeedsFallback, Scaled, _add, _affine, _aligned, _any_scaled, _clamp, _div,
                      _is_scaled, _materialize, _mul, _multilinear, _wrap)
-from .trace import _CONV_TYPES, _AbsFoldedConv, _conv_batchnorm_pairs, _refolds, _trace
+from .trace import CONV_TYPES, _AbsFoldedConv, _conv_batchnorm_pairs, _refolds, _trace
 
 VIEWS = ("signal", "structure", "reach", "normalized", "effective")  # the last two: see AppendixBGraph
 APPENDIX_B_VIEWS = ("normalized", "effective")  # run through appendix_b.AppendixBGraph
@@ -106,7 +106,7 @@ class _Pass:
         if isinstance(m, nn.Linear):
             w = self.param(prefix + "weight")
             return self.finish(target, _affine(x, lambda v: F.linear(v, w), self.const(prefix + "bias")))
-        if isinstance(m, _CONV_TYPES):
+        if isinstance(m, CONV_TYPES):
             raw = self.params.get(prefix + "weight") if self.view != "reach" else None
             refold = _refolds(m, raw)
             w = raw if refold else self.param(prefix + "weight")
@@ -451,7 +451,7 @@ def layer_flows(model: nn.Module, example_inputs: Any) -> Dict[str, Any]:
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     device = next((p.device for p in model.parameters()), first.device)
     ones = torch.ones((1,) + tuple(first.shape[1:]), dtype=dtype, device=device)
-    layers = {name: m for name, m in model.named_modules() if isinstance(m, (nn.Linear,) + _CONV_TYPES)}
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, (nn.Linear,) + CONV_TYPES)}
     params = {n: p.detach() for n, p in model.named_parameters()}
     weights = {name: params[name + ".weight"].clone().requires_grad_(True) for name in layers}
     params.update({name + ".weight": w for name, w in weights.items()})

@@ -17,9 +17,9 @@ import torch.nn as nn
 
 from .channel_scaler import ChannelScaler, channel_scalers
 from ..engine import Handler, LeafTracer, UnsupportedModuleError
+from ..engine.trace import CONV_TYPES
 from .graph import ConnectivityGraph
 
-CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 WEIGHTED_TYPES = (nn.Linear,) + CONV_TYPES + (ChannelScaler,)
 
 __all__ = ["add_channel_scalers", "channel_connectivity_importance"]
