@@ -37,6 +37,7 @@ RESULTS = os.path.join(os.path.dirname(__file__), "results", "importance_overhea
 
 
 CHUNK_SIZE = None  # ConnectImportance(chunk_size=...); set by --chunk-size
+EVERY_SAMPLE = False  # --every-sample: no mean-input shortcut
 
 
 def make_importance(name: str, n_samples: int):
@@ -92,10 +93,17 @@ def peak_step_memory(name: str, n_samples: int, device: str) -> int:
         torch.cuda.reset_peak_memory_stats()
         pruner.step()
         return torch.cuda.max_memory_allocated() - before
-    # CPU: replay the profiler's per-operator allocations (frees are negative) in time order; the
-    # running total's maximum is the step's peak of live tensor memory above its start.
+    return peak_cpu_tensor_bytes(pruner.step)
+
+
+def peak_cpu_tensor_bytes(fn) -> int:
+    """Peak of live CPU tensor memory that ``fn()`` adds above what existed when it started.
+
+    Replays the profiler's per-operator allocations (frees are negative) in time order; the
+    running total's maximum is the peak.
+    """
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
-        pruner.step()
+        fn()
     live = peak = 0
     for event in sorted(prof.events(), key=lambda e: e.time_range.start):
         live += event.self_cpu_memory_usage
@@ -106,7 +114,7 @@ def peak_step_memory(name: str, n_samples: int, device: str) -> int:
 def memory_in_subprocess(name: str, n_samples: int, device: str) -> int:
     out = subprocess.run(
         [sys.executable, "-m", "benchmarks.importance_overhead", "--memory-child", name,
-         "--n-samples", str(n_samples), "--device", device]
+         "--n-samples", str(n_samples), "--device", device] + (["--every-sample"] if EVERY_SAMPLE else [])
         + (["--chunk-size", str(CHUNK_SIZE)] if CHUNK_SIZE is not None else []),
         check=True, capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(__file__)),
     )
@@ -121,11 +129,16 @@ def main(argv=None) -> dict:
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (1 is steadiest on a busy machine)")
     parser.add_argument("--chunk-size", type=int, default=None,
                         help="ConnectImportance(chunk_size=...): samples per connectivity pass (default: all)")
+    parser.add_argument("--every-sample", action="store_true",
+                        help="differentiate every random input (turn off the mean-input shortcut) for comparison")
     parser.add_argument("--out", default=RESULTS, help="where the JSON result is written")
     parser.add_argument("--memory-child", choices=["taylor", "connect"], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    global CHUNK_SIZE
-    CHUNK_SIZE = args.chunk_size
+    global CHUNK_SIZE, EVERY_SAMPLE
+    CHUNK_SIZE, EVERY_SAMPLE = args.chunk_size, args.every_sample
+    if args.every_sample:
+        from connect_tp import engine
+        engine.affine_on_samples = lambda *a, **k: False
     torch.set_num_threads(args.threads)
     if args.memory_child:
         print(peak_step_memory(args.memory_child, args.n_samples, args.device))
@@ -144,7 +157,7 @@ def main(argv=None) -> dict:
     param_bytes = sum(p.numel() * p.element_size() for p in resnet56(num_classes=10).parameters())
     result = {
         "model": "resnet56", "device": args.device, "threads": args.threads, "n_samples": args.n_samples,
-        "repeats": args.repeats, "chunk_size": args.chunk_size, "median_step_s": medians, "peak_step_memory_bytes": memory,
+        "repeats": args.repeats, "chunk_size": args.chunk_size, "every_sample": args.every_sample, "median_step_s": medians, "peak_step_memory_bytes": memory,
         "time_ratio": medians["connect"] / medians["taylor"],
         "median_iteration_s": iteration_medians,
         "iteration_time_ratio": iteration_medians["connect"] / iteration_medians["taylor"],

@@ -277,17 +277,148 @@ class _EvalMode:
             module.training = training
 
 
+class _RecomputedAbs:
+    """Autograd saved-tensor hooks: an ``|W|`` that a layer saves for its backward is rebuilt there.
+
+    A linear layer ``y = x |W|^T`` whose input needs a gradient keeps ``|W|`` until the backward
+    reaches it, so the traced-free pass would hold an absolute copy of nearly every weight at once
+    (13.5 GB for LLaMA-7B in bfloat16). Instead the hook stores the signed tensor (the parameter
+    itself, no copy) and recomputes ``|W|`` (cast like the forward's) when the backward asks for it:
+    the same values, one layer's copy alive at a time.
+    """
+
+    def __init__(self) -> None:
+        self._rebuild: Dict[int, tuple] = {}  # storage address of an |W| -> (signed tensor, dtype)
+        self._alive: List[torch.Tensor] = []  # the registered |W| (kept so no address is reused)
+
+    def register(self, built: torch.Tensor, signed: torch.Tensor, dtype: Optional[torch.dtype]) -> None:
+        """``built`` is ``|signed|`` (cast to ``dtype``) and stays alive for the whole forward.
+
+        (It must: a freed tensor's storage address could be reused by an activation.)
+        """
+        if built.numel() > 0 and built.layout == torch.strided and not built.is_meta:
+            self._rebuild[built.untyped_storage().data_ptr()] = (signed.detach(), dtype)
+            self._alive.append(built)
+
+    def unregister(self, built: torch.Tensor) -> None:
+        """``built`` is about to be freed: its storage address may belong to another tensor next."""
+        if built.numel() > 0 and built.layout == torch.strided and not built.is_meta:
+            self._rebuild.pop(built.untyped_storage().data_ptr(), None)
+            self._alive = [t for t in self._alive if t is not built]
+
+    def pack(self, t: torch.Tensor) -> Any:
+        if t.layout != torch.strided or t.is_meta or t.numel() == 0:
+            return t
+        entry = self._rebuild.get(t.untyped_storage().data_ptr())
+        if entry is None:
+            return t
+        return (entry, tuple(t.shape), t.stride(), t.storage_offset())
+
+    @staticmethod
+    def unpack(packed: Any) -> torch.Tensor:
+        if isinstance(packed, torch.Tensor):
+            return packed
+        (signed, dtype), shape, stride, offset = packed
+        with torch.no_grad():
+            rebuilt = signed.abs() if dtype is None else signed.abs().to(dtype)
+            return rebuilt.as_strided(shape, stride, offset)
+
+
+class _AbsWhileRunning:
+    """Module hooks that hand each module ``|W|`` of its own parameters only while its forward runs.
+
+    Built all at once, the absolute copies of every weight would be alive together (13.5 GB for
+    LLaMA-7B in bfloat16); this way one module's copy exists at a time, and :class:`_RecomputedAbs`
+    keeps autograd from holding on to it. ``missed`` names the parameters whose module never ran (a
+    model that reads a submodule's weight without calling it): the caller then measures again with
+    every ``|W|`` built up front.
+    """
+
+    def __init__(self, model: nn.Module, params: Mapping[str, torch.Tensor], recompute: _RecomputedAbs):
+        canonical = {id(p): name for name, p in model.named_parameters()}  # tied weights: one name
+        self.slots: Dict[nn.Module, List[Tuple[str, str]]] = {}
+        for module in model.modules():
+            for attr, p in module._parameters.items():
+                name = canonical.get(id(p)) if p is not None else None
+                if name is not None and name in params:
+                    self.slots.setdefault(module, []).append((attr, name))
+        self.params, self.recompute = params, recompute
+        self.used: set = set()
+        self.saved: Dict[nn.Module, List[Tuple[str, Any]]] = {}
+        self.handles: List[Any] = []
+
+    def __enter__(self) -> "_AbsWhileRunning":
+        for module in self.slots:
+            self.handles.append(module.register_forward_pre_hook(self._enter))
+            self.handles.append(module.register_forward_hook(self._exit, always_call=True))
+        return self
+
+    def _enter(self, module: nn.Module, args: Any) -> None:
+        saved = self.saved.setdefault(module, [])
+        for attr, name in self.slots[module]:
+            signed = self.params[name]
+            built = signed.abs()
+            self.recompute.register(built, signed, None)
+            saved.append((attr, module._parameters[attr], built))
+            module._parameters[attr] = built
+            self.used.add(name)
+
+    @property
+    def missed(self) -> set:
+        return set(self.params) - self.used
+
+    def _exit(self, module: nn.Module, args: Any, output: Any) -> None:
+        for attr, original, built in reversed(self.saved.pop(module, [])):
+            module._parameters[attr] = original
+            self.recompute.unregister(built)
+
+    def __exit__(self, *exc) -> None:
+        for module in list(self.saved):
+            self._exit(module, (), None)
+        for handle in self.handles:
+            handle.remove()
+
+
 def _abs_call(model: nn.Module, params: Mapping[str, torch.Tensor], inputs: Any,
               dtype: Optional[torch.dtype], bn_flow: str = "stats") -> Any:
-    """The model's raw output with absolute parameters (and ``bn_flow``), optionally cast to ``dtype``."""
+    """The model's raw output with absolute parameters (and ``bn_flow``), optionally cast to ``dtype``.
+
+    In the model's own precision each module gets ``|W|`` only while it runs
+    (:class:`_AbsWhileRunning`); the ``|W|`` that autograd keeps for the backward are recomputed
+    there (:class:`_RecomputedAbs`). Same values as building every ``|W|`` first, which is what
+    happens with a ``dtype`` cast (a fallback) or when a module's weight is read outside its forward.
+    """
+    recompute = _RecomputedAbs()
+    overrides = bn_flow_overrides(model, bn_flow, {name: p.abs() for name, p in params.items()
+                                                   if name.endswith("weight") and name in _batchnorm_params(model)})
+    if dtype is None:
+        signed = {name: p for name, p in params.items() if name not in overrides}
+        hooks = _AbsWhileRunning(model, signed, recompute)
+        with _EvalMode(model), _explained_input_errors(inputs), hooks, \
+                torch.autograd.graph.saved_tensors_hooks(recompute.pack, recompute.unpack):
+            # functional_call swaps the signed leaves in, then each module swaps in its |W| while it runs
+            out = _call(model, {**signed, **overrides}, inputs)
+        if not hooks.missed:
+            return out
+        del out  # a weight was read outside its module's forward, so maybe signed: measure again
+        recompute = _RecomputedAbs()
     abs_params = {name: p.abs() for name, p in params.items()}
-    abs_params.update(bn_flow_overrides(model, bn_flow, abs_params))
+    abs_params.update(overrides)
     if dtype is not None:
         buffers = {name: b for name, b in model.named_buffers() if b.is_floating_point()}
         abs_params = {name: t.to(dtype) for name, t in {**buffers, **abs_params}.items()}
         inputs = _cast_floats(inputs, dtype)
-    with _EvalMode(model), _explained_input_errors(inputs):
+    for name, signed in params.items():
+        if name not in overrides:  # bn_flow's replacements are other values: autograd keeps those
+            recompute.register(abs_params[name], signed, dtype)
+    with _EvalMode(model), _explained_input_errors(inputs), \
+            torch.autograd.graph.saved_tensors_hooks(recompute.pack, recompute.unpack):
         return _call(model, abs_params, inputs)
+
+
+def _batchnorm_params(model: nn.Module) -> set:
+    return {f"{name}.{attr}" if name else attr for name, m in model.named_modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) for attr in m._parameters}
 
 
 def describe_inputs(inputs: Any, where: str = "") -> List[str]:

@@ -66,7 +66,7 @@ MAX_LAMBDA = 1e12
 
 #: Below this ``sum |W * d log phi / dW|`` the connectivity is taken as independent of the weights.
 _FLAT_CONNECTIVITY = 1e-6
-_SEGMENTED_SUM_MAX_ELEMENTS = 50_000_000  # above this, the state fingerprint sums tensor by tensor
+_SEGMENT_BATCH_ELEMENTS = 1 << 22  # the state fingerprint sums tensors in flat batches of at most this size
 
 _REDUCTIONS = ("sum", "mean", "max", "prod", "first", "gate", None)
 _NORMALIZERS = ("sum", "standarization", "mean", "max", "gaussian", "lamp", None)
@@ -297,6 +297,19 @@ def _follow_model(inputs: Any, model: nn.Module) -> Any:
     return move(inputs)
 
 
+def _batches_of_elements(tensors: Sequence[torch.Tensor], limit: int) -> List[List[torch.Tensor]]:
+    """Consecutive runs of ``tensors`` holding at most ``limit`` elements each (a larger tensor alone)."""
+    batches: List[List[torch.Tensor]] = []
+    size = limit + 1
+    for t in tensors:
+        if size + t.numel() > limit:
+            batches.append([])
+            size = 0
+        batches[-1].append(t)
+        size += t.numel()
+    return batches
+
+
 def _check_finite(params: Dict[str, torch.Tensor]) -> None:
     for name, p in params.items():
         if p.is_floating_point() and not bool(torch.isfinite(p).all()):
@@ -435,6 +448,9 @@ class ConnectImportance(tp.importance.TaylorImportance):
         self._warned_flat = False
         self._warned_chunks = False
         self.last_log_connectivity: Optional[float] = None
+        #: Whether the last connectivity gradient came from the one mean input (the flow was affine
+        #: on the random inputs, so the mean of their flows is the flow of their mean; docs/engine.md).
+        self.used_mean_sample = False
         #: How many times the connectivity gradient was computed (once per pruning step).
         self.connectivity_evaluations = 0
         self._dtype: Optional[torch.dtype] = None  # precision that last measured phi_tot finitely
@@ -481,13 +497,15 @@ class ConnectImportance(tp.importance.TaylorImportance):
         """What the connectivity gradient depends on, and whether every value is finite.
 
         The key holds every parameter's and floating-point buffer's identity, version, shape,
-        dtype and device, and two value fingerprints per tensor (its sum and its L1 norm). Pruning
+        dtype, device and ``requires_grad``, and two value fingerprints per tensor (its sum and its L1 norm). Pruning
         replaces parameters and optimizer steps bump ``_version``, but edits through ``.data`` and
         BatchNorm re-estimation do neither, so the values enter the key too; the L1 norms are
         computed with one multi-tensor kernel per dtype and double as the finiteness check.
         """
         tensors = list(model.parameters()) + [b for b in model.buffers() if b.is_floating_point()]
-        ident = tuple((id(t), t._version, tuple(t.shape), t.dtype, str(t.device)) for t in tensors)
+        # requires_grad too: the gradient is computed for the parameters that require one (a streamed
+        # LLM step scores one layer at a time by switching it), so a new set needs a new gradient
+        ident = tuple((id(t), t._version, tuple(t.shape), t.dtype, str(t.device), t.requires_grad) for t in tensors)
         tensors = [t.detach() for t in tensors]
         if not tensors:
             return ident, True
@@ -498,18 +516,19 @@ class ConnectImportance(tp.importance.TaylorImportance):
         with torch.no_grad():
             for group in by_kind.values():
                 parts.append(torch.stack(torch._foreach_norm(group, 1)).to(torch.float64))
-                # every tensor's sum from one flat copy: one segmented reduction, not one call per tensor;
-                # only for models small enough that the copy is negligible (an LLM's would be GBs)
-                if sum(t.numel() for t in group) > _SEGMENTED_SUM_MAX_ELEMENTS:
-                    parts += [t.sum().reshape(1).to(torch.float64) for t in group]
-                    continue
-                try:
-                    lengths = torch.tensor([t.numel() for t in group], device=group[0].device)
-                    flat = torch.cat([t.reshape(-1) for t in group])
-                    parts.append(torch.segment_reduce(flat, "sum", lengths=lengths, unsafe=True).to(torch.float64))
-                    del flat
-                except RuntimeError:  # a dtype or device without a segmented sum
-                    parts += [t.sum().reshape(1).to(torch.float64) for t in group]
+                # every tensor's sum from flat copies of a few MB (one segmented reduction per batch,
+                # not one call per tensor); a tensor larger than a batch is summed by itself
+                for batch in _batches_of_elements(group, _SEGMENT_BATCH_ELEMENTS):
+                    if len(batch) == 1:
+                        parts.append(batch[0].sum().reshape(1).to(torch.float64))
+                        continue
+                    try:
+                        lengths = torch.tensor([t.numel() for t in batch], device=batch[0].device)
+                        flat = torch.cat([t.reshape(-1) for t in batch])
+                        parts.append(torch.segment_reduce(flat, "sum", lengths=lengths, unsafe=True).to(torch.float64))
+                        del flat
+                    except RuntimeError:  # a dtype or device without a segmented sum
+                        parts += [t.sum().reshape(1).to(torch.float64) for t in batch]
         values = torch.cat([p.cpu() for p in parts]).tolist()
         return ident + tuple(values), all(math.isfinite(v) for v in values)
 
@@ -578,7 +597,7 @@ class ConnectImportance(tp.importance.TaylorImportance):
             )
             self._warned_data_free = True
 
-    def _full_refresh(self, model: nn.Module, graph: Any = None) -> None:
+    def _full_refresh(self, model: nn.Module, graph: Any = None, resolve: bool = True) -> None:
         params = dict(model.named_parameters())
         self._sweep_params = list(params.values())
         self._decide_loss(self._sweep_params)
@@ -590,10 +609,11 @@ class ConnectImportance(tp.importance.TaylorImportance):
         if key != self._cache_key:
             self._connectivity_grads, self._cached_params = {}, {}  # free the stale ones first
             self._connectivity_grads = self._connectivity_gradients(model, params, graph)
-            self._cached_params = {id(p): weakref.ref(p) for p in params.values()}
+            # the parameters the gradient was computed for (a streamed LLM step switches requires_grad)
+            self._cached_params = {id(p): weakref.ref(p) for p in params.values() if p.requires_grad}
             self._cache_key = key
-        if self.lam is None:  # a finite balance resolves to lambda at the first step, then stays
-            self.lam = self._resolve_lambda(model)
+        if self.lam is None and resolve:  # a finite balance resolves to lambda at the first step, then stays
+            self.lam = self.lambda_from_masses(*self._masses(model))
 
     def _connectivity_gradients(self, model: nn.Module, params: Dict[str, torch.Tensor],
                                 graph: Any = None) -> Dict[int, torch.Tensor]:
@@ -642,6 +662,12 @@ class ConnectImportance(tp.importance.TaylorImportance):
         and at the end it is divided by ``sum_c u_c``. With one chunk this is the plain gradient of
         ``log S``. The pass keeps no layer outputs and frees each value after its last use.
 
+        First, a pass without gradients checks whether the flow is affine on the random inputs
+        (:func:`connect_tp.engine.affine_on_samples`; a ReLU network whose every sample runs on the
+        same linear pieces). Then ``phi_tot`` (the mean of the samples' flows) and its gradient are
+        those of the one mean input, and only that one is differentiated: a quarter of the
+        activations at the default ``n_samples=4``, and a cheaper backward.
+
         Returns ``None`` (and leaves no ``.grad``) when the general path must measure instead: the
         model is not traceable, an operation cannot be represented exactly, an input is not
         batched, or a chunk's sum is not positive and finite (the general path then raises its
@@ -652,8 +678,17 @@ class ConnectImportance(tp.importance.TaylorImportance):
         n = self.n_samples
         generator = None if self.seed is None else torch.Generator().manual_seed(self.seed)
         samples = connectivity_inputs(model, inputs, n, generator)
-        size = n if self.chunk_size is None else min(self.chunk_size, n)
         params = {**leaves, **frozen}
+        self.used_mean_sample = False
+        if n > 1 and isinstance(samples, torch.Tensor) and samples.is_floating_point():
+            try:
+                with _EvalMode(model), _explained_input_errors(samples):
+                    affine = engine.affine_on_samples(model, samples, params, self.bn_flow)
+            except engine.NeedsFallback:
+                return None
+            if affine:  # the mean of the n flows and its gradient are those of the mean input
+                samples, n, self.used_mean_sample = samples.mean(0, keepdim=True), 1, True
+        size = n if self.chunk_size is None else min(self.chunk_size, n)
         wanted = list(leaves.values())
         top, total_weight, magnitudes = -math.inf, 0.0, []
 
@@ -710,7 +745,11 @@ class ConnectImportance(tp.importance.TaylorImportance):
         output grows with its weights; it is 0 (up to rounding) when the last layer normalizes the
         output, e.g. a softmax (phi_tot is then the number of rows, a constant).
         """
-        norms = [torch.linalg.vector_norm(params[n].detach() * g, 1) for n, g in zip(names, grads) if g is not None]
+        pairs = [(params[n].detach(), g) for n, g in zip(names, grads) if g is not None]
+        if pairs and len({(w.device, w.dtype, g.dtype) for w, g in pairs}) == 1:  # one multi-tensor kernel
+            norms = list(torch._foreach_norm(torch._foreach_mul([w for w, _ in pairs], [g for _, g in pairs]), 1))
+        else:
+            norms = [torch.linalg.vector_norm(w * g, 1) for w, g in pairs]
         # Summed on the CPU: the parameters of a split model (device_map="auto") sit on several devices.
         mass = float(sum(x.to("cpu", torch.float64) for x in norms)) if norms else 0.0
         if mass > _FLAT_CONNECTIVITY or self._warned_flat:
@@ -728,8 +767,19 @@ class ConnectImportance(tp.importance.TaylorImportance):
             stacklevel=4,
         )
 
-    def _resolve_lambda(self, model: nn.Module) -> float:
-        """``balance * sum|W dL/dW| / sum|W d log phi / dW|`` over conv and linear weights."""
+    def taylor_masses(self, model: nn.Module) -> Tuple[float, float]:
+        """``(sum |W dL/dW|, sum |W d log phi / dW|)`` over the conv and linear weights that have both now.
+
+        The loss term is read from ``.grad``; the connectivity gradient is computed first if the
+        model changed since the last one (for the parameters that require a gradient). A finite
+        ``balance`` resolves to ``lam = balance * loss mass / connectivity mass`` at the first step;
+        a caller that sees the model a part at a time (:class:`connect_tp.llm.LLMBlockPruner` with
+        ``layers_per_pass``) sums the masses of every part and calls :meth:`lambda_from_masses`.
+        """
+        self._full_refresh(model, resolve=False)
+        return self._masses(model)
+
+    def _masses(self, model: nn.Module) -> Tuple[float, float]:
         loss_mass, conn_mass = 0.0, 0.0
         for m in model.modules():
             w = getattr(m, "weight", None)
@@ -740,6 +790,12 @@ class ConnectImportance(tp.importance.TaylorImportance):
             g = self._connectivity_grads.get(id(w))
             if g is not None:
                 conn_mass += float((w.detach() * g).abs().sum(dtype=torch.float64))
+        return loss_mass, conn_mass
+
+    def lambda_from_masses(self, loss_mass: float, conn_mass: float, fix: bool = False) -> float:
+        """``balance * loss_mass / conn_mass``, with the errors a finite balance can meet; ``fix`` keeps it."""
+        if self.balance is None or self.balance in (0.0, math.inf):
+            raise ValueError(f"only a finite, positive balance resolves to a lambda (balance={self.balance})")
         if not (loss_mass > 0 and math.isfinite(loss_mass)):
             raise RuntimeError(
                 f"ConnectImportance(balance={self.balance:g}) found a loss Taylor mass of {loss_mass:g} "
@@ -750,7 +806,10 @@ class ConnectImportance(tp.importance.TaylorImportance):
         if not conn_mass > 0:
             raise RuntimeError("the connectivity gradient is zero for every convolution and linear weight: "
                                "the model's output does not depend on its weights' magnitudes (see the warning above)")
-        return self.balance * loss_mass / conn_mass
+        lam = self.balance * loss_mass / conn_mass
+        if fix:
+            self.lam = lam
+        return lam
 
     def objective_gradient(self, param: torch.Tensor) -> Optional[torch.Tensor]:
         """``dJ/dW = dL/dW - lam * d log phi_tot / dW`` for one parameter of the current model.

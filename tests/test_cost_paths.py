@@ -45,8 +45,14 @@ def scores(model, **kwargs):
     return [imp(g) for g in groups_of(model)], imp
 
 
+@pytest.fixture
+def every_sample(monkeypatch):
+    """Differentiate every random input (no mean-input shortcut), so that chunking is what runs."""
+    monkeypatch.setattr(engine, "affine_on_samples", lambda *args, **kwargs: False)
+
+
 @pytest.mark.parametrize("chunk_size", [1, 2, 3, 5, 8])
-def test_chunked_scores_equal_batched_scores(chunk_size):
+def test_chunked_scores_equal_batched_scores(chunk_size, every_sample):
     model = trained_like_resnet20()
     F.cross_entropy(model(torch.rand(8, 3, 32, 32)), torch.randint(0, 10, (8,))).backward()
     batched, imp_b = scores(model, balance=1.0, n_samples=5)
@@ -58,7 +64,7 @@ def test_chunked_scores_equal_batched_scores(chunk_size):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)
 
 
-def test_chunked_gradient_is_that_of_log_mean_phi_at_extreme_scales(monkeypatch):
+def test_chunked_gradient_is_that_of_log_mean_phi_at_extreme_scales(monkeypatch, every_sample):
     """Per-sample sums spread over many orders of magnitude: the log-scale weighting stays exact."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 3)).double()
@@ -146,3 +152,78 @@ def test_chunk_size_is_validated(bad):
 
 def test_chunk_size_defaults_to_one_pass():
     assert ConnectImportance().chunk_size is None
+
+
+# ----------------------------------------------------------------------------- the mean-input shortcut
+@pytest.mark.parametrize("bn_flow,means,shortcut", [
+    ("gamma", "signed", True),      # no shifts: a ReLU network of |W| is affine on inputs >= 0
+    ("stats", "negative", True),    # the running means only add to the signal: no kink is reached
+    ("stats", "signed", None),      # some kinks may fall between the samples: whichever path, same scores
+])
+def test_mean_input_gives_the_scores_of_every_input(monkeypatch, bn_flow, means, shortcut):
+    """Where the flow is affine on the random inputs, one mean input gives log phi_tot, its gradient
+    and the scores of the n inputs (up to float32 rounding)."""
+    model = trained_like_resnet20()
+    if means == "negative":
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.abs_().neg_()
+    F.cross_entropy(model(torch.rand(8, 3, 32, 32)), torch.randint(0, 10, (8,))).backward()
+    short, imp_s = scores(model, balance=1.0, n_samples=4, bn_flow=bn_flow)
+    if shortcut is not None:
+        assert imp_s.used_mean_sample is shortcut
+    with monkeypatch.context() as m:
+        m.setattr(engine, "affine_on_samples", lambda *args, **kwargs: False)
+        full, imp_f = scores(model, balance=1.0, n_samples=4, bn_flow=bn_flow)
+    assert not imp_f.used_mean_sample
+    assert imp_s.last_log_connectivity == pytest.approx(imp_f.last_log_connectivity, rel=1e-6)
+    assert imp_s.lam == pytest.approx(imp_f.lam, rel=1e-5)
+    for a, b in zip(full, short):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
+
+
+def _relu_net_with_a_kink_between_samples():
+    """Linear(2 -> 2), BatchNorm whose running mean puts channel 0's kink between the samples."""
+    model = nn.Sequential(nn.Linear(2, 2, bias=False), nn.BatchNorm1d(2), nn.ReLU(), nn.Linear(2, 1, bias=False))
+    with torch.no_grad():
+        model[0].weight.fill_(1.0)
+        model[3].weight.fill_(1.0)
+        model[1].running_mean.copy_(torch.tensor([1.0, -5.0]))
+        model[1].running_var.fill_(1.0 - model[1].eps)
+    return model.eval()
+
+
+def test_affine_check_finds_a_kink_between_the_samples():
+    model = _relu_net_with_a_kink_between_samples()
+    params = dict(model.named_parameters())
+    below, above = torch.full((1, 2), 0.1), torch.full((1, 2), 0.9)  # channel 0 sees 0.2 - 1 < 0 and 1.8 - 1 > 0
+    assert not engine.affine_on_samples(model, torch.cat([below, above]), params, "stats")
+    assert engine.affine_on_samples(model, torch.cat([above, above * 1.1]), params, "stats")  # same piece
+    assert engine.affine_on_samples(model, torch.cat([below, above]), params, "gamma")  # no shift: no kink
+    # a smooth non-linearity is never affine on distinct samples
+    torch.manual_seed(0)
+    smooth = nn.Sequential(nn.Linear(2, 2), nn.Sigmoid(), nn.Linear(2, 1))
+    spread = torch.tensor([[0.0, 0.0], [1.0, 1.0], [0.9, 0.1]])
+    assert not engine.affine_on_samples(smooth, spread, dict(smooth.named_parameters()), "stats")
+
+
+def test_kinked_samples_are_each_differentiated(monkeypatch):
+    """Where the check fails, the importance differentiates every input: the plain n-sample result."""
+    model = _relu_net_with_a_kink_between_samples()
+    x = torch.tensor([[0.1, 0.1], [0.9, 0.9], [0.5, 0.2]])
+    monkeypatch.setattr(importance_module, "connectivity_inputs", lambda model_, inputs, n, generator=None: x[:n].clone())
+    imp = ConnectImportance(n_samples=3, example_inputs=torch.zeros(1, 2))
+    params = dict(model.named_parameters())
+    leaves = {n: p.detach().clone().requires_grad_(True) for n, p in params.items()}
+    with torch.enable_grad():
+        log_phi, grads = imp._traced_gradients(model, x, leaves, {})
+    assert not imp.used_mean_sample
+    fresh = {n: p.detach().clone().requires_grad_(True) for n, p in params.items()}
+    out = torch.func.functional_call(model, {n: t.abs() for n, t in fresh.items()}, (x,))
+    ref = torch.log(out.sum(1).mean())
+    assert log_phi == pytest.approx(float(ref), rel=1e-6)
+    for g, r in zip(grads, torch.autograd.grad(ref, list(fresh.values()))):
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-8)
+    # ...and its result differs from the mean input's, which is why the check exists
+    mean_out = torch.func.functional_call(model, {n: t.abs() for n, t in params.items()}, (x.mean(0, keepdim=True),))
+    assert abs(float(torch.log(mean_out.sum())) - log_phi) > 1e-3

@@ -308,6 +308,7 @@ def run_traced(
     graph: Optional[fx.Graph] = None,
     policy: Optional[Mapping[str, Any]] = None,
     layer_outputs: bool = True,
+    inspect: Optional[Any] = None,
 ) -> Tuple[Any, Dict[str, Scaled]]:
     """Run ``model``'s traced graph on ``inputs`` in one view; the output keeps its :class:`Scaled` flows.
 
@@ -329,6 +330,8 @@ def run_traced(
         layer_outputs: keep the flow after every linear and convolution layer (``False``: the
             returned dict is empty and each layer's output is freed once the next layers used it,
             which is what a caller that only wants ``log phi`` and its gradient needs).
+        inspect: called as ``inspect(node, value)`` after every computed node (it may raise to stop
+            the pass; :func:`affine_on_samples` uses it).
 
     Returns:
         ``(output, layer_outputs)``: the model's output structure with :class:`Scaled` in place of
@@ -403,9 +406,91 @@ def run_traced(
             env[node] = run.call_module(node.target, args, kwargs)
         else:
             env[node] = run.call_function(node, args, kwargs)
+        if inspect is not None:
+            inspect(node, env[node])
         for used in dead_after.get(node, ()):
             env.pop(used, None)
     raise RuntimeError("fx graph has no output node")  # pragma: no cover
+
+
+class _NotAffine(Exception):
+    """Raised inside :func:`affine_on_samples`'s pass at the first node that is not affine on the samples."""
+
+
+def affine_on_samples(model: nn.Module, samples: torch.Tensor, params: Mapping[str, torch.Tensor],
+                      bn_flow: str, tolerance: float = 1e-5) -> bool:
+    """Whether the signal flow is affine on the convex hull of ``samples`` (a batch of inputs).
+
+    Then the mean over the samples of any output, and its gradient by the parameters, are those of
+    the one mean input, so :class:`~connect_tp.importance.ConnectImportance` differentiates one
+    sample instead of ``n``. The test: one pass without gradients on the samples plus their mean;
+    at every node, the value at the mean input must equal the mean of the values (within
+    ``tolerance`` of each entry's size; nodes whose operation is affine anyway, such as convolutions
+    and sums, are not checked). Along a graph of affine maps and piecewise-linear
+    ones (ReLU, max-pooling, clamps) this holds at every node exactly when every sample runs on the
+    same linear piece of each (Jensen's inequality is strict across a kink), and then the flow is
+    affine between the samples; any other non-linearity (a norm, a product of two flows, a smooth
+    activation) fails it and the caller differentiates every sample. The pass keeps nothing
+    alive, and stops at the first node that fails.
+    """
+    n = samples.shape[0]
+    batch = torch.cat([samples, samples.mean(0, keepdim=True)])
+
+    def check(node: fx.Node, value: Any) -> None:
+        if _is_linear_node(model, node):
+            return  # equal means in, equal means out: only the other nodes can break it
+        for flow in _flows(value):
+            v = flow.value
+            if v.dim() == 0 or v.shape[0] != n + 1 or not v.is_floating_point():
+                raise _NotAffine(node.name)
+            if v.numel() == 0:
+                continue
+            # per element, relative to its own size; rounding-level gaps of a node's tiny entries pass
+            mean = v[:n].mean(0)
+            size = mean.abs()
+            bound = size.add_(size.amax() * tolerance).mul_(tolerance)
+            if not bool(mean.sub_(v[n]).abs_().le_(bound).all()):
+                raise _NotAffine(node.name)
+
+    with torch.no_grad():
+        try:
+            run_traced(model, batch, params, "signal", bn_flow, layer_outputs=False, inspect=check)
+        except _NotAffine:
+            return False
+    return True
+
+
+_LINEAR_MODULES = CONV_TYPES + (
+    nn.Linear, nn.modules.batchnorm._BatchNorm, nn.Identity, nn.Dropout, nn.modules.dropout._DropoutNd,
+    nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
+    nn.Flatten, nn.Unflatten,
+)
+_LINEAR_FUNCTIONS = _ADD | _SUB | _DROPOUT | {
+    torch.flatten, torch.reshape, torch.permute, torch.transpose, torch.squeeze, torch.unsqueeze,
+    torch.mean, torch.sum, operator.getitem, torch.cat, torch.stack, operator.neg, torch.neg,
+    F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d,
+}
+_LINEAR_METHODS = {"add", "add_", "sub", "sub_", "view", "reshape", "flatten", "permute", "transpose", "squeeze",
+                   "unsqueeze", "contiguous", "mean", "sum", "neg", "clone", "t"}
+
+
+def _is_linear_node(model: nn.Module, node: fx.Node) -> bool:
+    """Whether the node's operation is affine in its flows whatever they are (a convolution, a sum)."""
+    if node.op == "call_module":
+        return isinstance(model.get_submodule(node.target), _LINEAR_MODULES)
+    if node.op == "call_method":
+        return node.target in _LINEAR_METHODS
+    return node.op == "call_function" and node.target in _LINEAR_FUNCTIONS
+
+
+def _flows(value: Any) -> list:
+    if isinstance(value, Scaled):
+        return [value]
+    if isinstance(value, (tuple, list)):
+        return [f for v in value for f in _flows(v)]
+    if isinstance(value, Mapping):
+        return [f for v in value.values() for f in _flows(v)]
+    return []
 
 
 def output_flow(output: Any) -> Any:

@@ -1,0 +1,131 @@
+"""The memory-lean paths for language models: |W| per module while it runs, and the streamed LLM step.
+
+Each must give the same numbers as the plain path; the memory itself is measured by
+``benchmarks/llm_memory.py`` (a benchmark, not a timed test).
+"""
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch_pruning as tp
+
+transformers = pytest.importorskip("transformers")
+
+from connect_tp import llm  # noqa: E402
+from connect_tp.connectivity import log_connectivity  # noqa: E402
+from connect_tp.importance import ConnectImportance  # noqa: E402
+from tests.test_llm import text_ids, tiny_llama  # noqa: E402
+
+
+def _log_phi_and_grads(model, dtype=None):
+    params = {n: p.detach().requires_grad_(True) for n, p in model.named_parameters()}
+    log_phi = log_connectivity(model, {"input_ids": torch.zeros(1, 12, dtype=torch.long)}, 4, 0, params, dtype)
+    return log_phi.item(), torch.autograd.grad(log_phi, list(params.values()))
+
+
+def test_abs_per_module_equals_abs_built_up_front():
+    # dtype=float32 on a float32 model takes the path that builds every |W| first: the same numbers
+    model = tiny_llama(layers=3)
+    lazy, lazy_grads = _log_phi_and_grads(model)
+    eager, eager_grads = _log_phi_and_grads(model, torch.float32)
+    assert lazy == pytest.approx(eager, rel=1e-6)
+    for a, b in zip(lazy_grads, eager_grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-9)
+
+
+class _ReadsChildWeight(nn.Module):
+    """A forward that uses a submodule's weight without calling the submodule."""
+
+    def __init__(self):
+        super().__init__()
+        self.first = nn.Linear(3, 4)
+        self.second = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return torch.relu(self.first(x)) @ self.second.weight.t()
+
+
+def test_weight_read_outside_its_module_is_still_absolute():
+    torch.manual_seed(0)
+    model = _ReadsChildWeight()
+    with torch.no_grad():
+        model.second.weight.neg_()  # all negative: a signed read would make phi negative
+    x = torch.rand(5, 3)
+    params = dict(model.named_parameters())
+    log_phi = log_connectivity(model, x[:1], n_samples=5, seed=0, params=params)
+    g = torch.Generator().manual_seed(0)
+    inputs = torch.rand(5, 3, generator=g)
+    w1, b1, w2 = model.first.weight.abs(), model.first.bias.abs(), model.second.weight.abs()
+    expected = ((inputs @ w1.t() + b1) @ w2.t()).double().sum(1).mean()
+    assert log_phi.item() == pytest.approx(math.log(expected.item()), rel=1e-6)
+
+
+def _scores(model, importance, calibration, streamed, **kw):
+    seen = []
+    pruner = llm.LLMBlockPruner(model, importance, 0.25, layers=[1, 2])
+    original = pruner._scores
+    pruner._scores = lambda group: seen.append(original(group)) or seen[-1]
+    if streamed:
+        pruner.step(calibration=calibration, **kw)
+    else:
+        llm.accumulate_loss_gradients(model, calibration)
+        pruner.step()
+    return seen, [p.shape for p in model.parameters()]
+
+
+@pytest.mark.parametrize("make", [
+    lambda: ConnectImportance(balance=1.0, normalizer=None),
+    lambda: ConnectImportance(lam=3.0, normalizer=None),
+    lambda: ConnectImportance(balance=math.inf, normalizer=None),
+    lambda: tp.importance.GroupTaylorImportance(normalizer=None),
+    lambda: tp.importance.GroupMagnitudeImportance(normalizer=None),
+], ids=["balance1", "lam3", "data-free", "taylor", "l2"])
+@pytest.mark.parametrize("layers_per_pass", [1, 2])
+def test_streamed_step_scores_like_the_whole_model_step(make, layers_per_pass):
+    calibration = llm.calibration_batches(text_ids(), n_samples=4, seq_len=16)
+    whole_imp, part_imp = make(), make()
+    whole, whole_shapes = _scores(tiny_llama(layers=4), whole_imp, calibration, streamed=False)
+    model = tiny_llama(layers=4)
+    flags = [p.requires_grad for p in model.parameters()]
+    part, part_shapes = _scores(model, part_imp, calibration, streamed=True, layers_per_pass=layers_per_pass)
+    assert len(whole) == len(part) == 4
+    for a, b in zip(whole, part):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+    assert whole_shapes == part_shapes  # the same heads and channels went
+    if getattr(whole_imp, "balance", None) == 1.0:
+        assert part_imp.lam == pytest.approx(whole_imp.lam, rel=1e-5)
+    assert [p.requires_grad for p in model.parameters()] == flags
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_streamed_step_holds_one_part_of_gradients_at_a_time():
+    calibration = llm.calibration_batches(text_ids(), n_samples=2, seq_len=16)
+    model = tiny_llama(layers=4)
+    imp = ConnectImportance(balance=1.0)
+    layer_params = [{id(p) for p in layer.parameters()} for layer in llm.decoder_layers(model)]
+    seen = []
+
+    def record(group):
+        with_grad = {id(p) for p in model.parameters() if p.grad is not None}
+        cached = set(imp._connectivity_grads)
+        seen.append((with_grad, cached))
+        return ConnectImportance.__call__(imp, group)
+
+    pruner = llm.LLMBlockPruner(model, imp, 0.25, layers=[1, 3])
+    pruner.importance = record
+    pruner.step(calibration=calibration, layers_per_pass=1)
+    for (with_grad, cached), layer in zip(seen, [1, 1, 3, 3]):
+        assert with_grad and with_grad <= layer_params[layer]
+    # the connectivity gradients cached for layer 3's groups are layer 3's only
+    assert imp._connectivity_grads and set(imp._connectivity_grads) <= layer_params[3]
+
+
+def test_streamed_step_rejects_bad_arguments():
+    model = tiny_llama(layers=2)
+    pruner = llm.LLMBlockPruner(model, ConnectImportance(balance=1.0), 0.25, layers=[1])
+    calibration = llm.calibration_batches(text_ids(), n_samples=2, seq_len=16)
+    with pytest.raises(ValueError, match="layers_per_pass"):
+        pruner.step(calibration=calibration, layers_per_pass=0)
+    with pytest.raises(ValueError, match="token ids"):
+        pruner.step(calibration=calibration.float())
