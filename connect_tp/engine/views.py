@@ -8,6 +8,7 @@ layer report's structure and reach pass. Uses torch, ``torch.fx`` and :mod:`.sca
 """
 from __future__ import annotations
 
+import collections
 import math
 import operator
 from typing import Any, Dict, Mapping, Optional, Tuple
@@ -356,10 +357,10 @@ def run_traced(
         raise NeedsFallback(f"{type(model).__name__} cannot be traced by torch.fx")
     targets = {n.name: n.target for n in graph.nodes}
     fused = {targets[conv]: targets[bn] for conv, bn in fused_nodes.items()}
-    if len(set(fused.values())) != len(fused) or any(
-            sum(1 for n in graph.nodes if n.op == "call_module" and n.target in (c, b)) != 2
-            for c, b in fused.items()):
-        fused = {}  # a module called more than once: no folding
+    if fused:
+        calls = collections.Counter(n.target for n in graph.nodes if n.op == "call_module")
+        if len(set(fused.values())) != len(fused) or any(calls[c] + calls[b] != 2 for c, b in fused.items()):
+            fused = {}  # a module called more than once: no folding
     if params is None:
         params = dict(model.named_parameters())
         if view == "reach":
