@@ -19,7 +19,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .scaled import Binarize, Scaled, _aligned, _any_scaled
+from .scaled import Binarize, Scaled, _aligned, _any_scaled, _scaled_in
 from .trace import CONV_TYPES
 from .views import APPENDIX_B_VIEWS, _ADD, _DIV, _MAX_TO_AVG, _MUL, _Pass, run_traced
 
@@ -118,17 +118,6 @@ def _b_check_module(name: str, m: nn.Module, handlers: Mapping[type, Handler]) -
             f"max-pool {name!r} is dilated; average pooling (its replacement "
             "in the connectivity pass) has no dilation"
         )
-
-
-def _scaled_in(obj: Any) -> list:
-    """Every :class:`Scaled` inside ``obj`` (nested tuples / lists / dicts)."""
-    if isinstance(obj, Scaled):
-        return [obj]
-    if isinstance(obj, (tuple, list)):
-        return [f for o in obj for f in _scaled_in(o)]
-    if isinstance(obj, dict):
-        return [f for o in obj.values() for f in _scaled_in(o)]
-    return []
 
 
 class LeafTracer(fx.Tracer):

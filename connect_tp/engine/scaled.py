@@ -9,7 +9,7 @@ combine flows at a common safe scale (``_affine``, ``_add``, ``_mul``, ``_div``,
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Optional, Tuple
+from typing import Any, Callable, Mapping, Optional, Tuple
 
 import torch
 
@@ -72,6 +72,17 @@ class Scaled:
 # ------------------------------------------------------------------------------------------ helpers
 def _is_scaled(x: Any) -> bool:
     return isinstance(x, Scaled)
+
+
+def _scaled_in(obj: Any) -> list:
+    """Every :class:`Scaled` inside ``obj`` (nested tuples / lists / dicts)."""
+    if isinstance(obj, Scaled):
+        return [obj]
+    if isinstance(obj, (tuple, list)):
+        return [f for o in obj for f in _scaled_in(o)]
+    if isinstance(obj, Mapping):
+        return [f for o in obj.values() for f in _scaled_in(o)]
+    return []
 
 
 def _any_scaled(obj: Any) -> bool:

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from .scaled import (Binarize, NeedsFallback, Scaled, _add, _affine, _aligned, _any_scaled, _clamp, _div,
-                     _is_scaled, _materialize, _mul, _multilinear, _wrap)
+                     _is_scaled, _materialize, _mul, _multilinear, _scaled_in, _wrap)
 from .trace import CONV_TYPES, _AbsFoldedConv, _conv_batchnorm_pairs, _refolds, _trace
 
 VIEWS = ("signal", "structure", "reach", "normalized", "effective")  # the last two: see AppendixBGraph
@@ -440,7 +440,7 @@ def affine_on_samples(model: nn.Module, samples: torch.Tensor, params: Mapping[s
     def check(node: fx.Node, value: Any) -> None:
         if _is_linear_node(model, node):
             return  # equal means in, equal means out: only the other nodes can break it
-        for flow in _flows(value):
+        for flow in _scaled_in(value):
             v = flow.value
             if v.dim() == 0 or v.shape[0] != n + 1 or not v.is_floating_point():
                 raise _NotAffine(node.name)
@@ -482,16 +482,6 @@ def _is_linear_node(model: nn.Module, node: fx.Node) -> bool:
     if node.op == "call_method":
         return node.target in _LINEAR_METHODS
     return node.op == "call_function" and node.target in _LINEAR_FUNCTIONS
-
-
-def _flows(value: Any) -> list:
-    if isinstance(value, Scaled):
-        return [value]
-    if isinstance(value, (tuple, list)):
-        return [f for v in value for f in _flows(v)]
-    if isinstance(value, Mapping):
-        return [f for v in value.values() for f in _flows(v)]
-    return []
 
 
 def output_flow(output: Any) -> Any:
