@@ -513,13 +513,13 @@ class LLMBlockPruner:
         def only(params: Iterable[nn.Parameter]) -> None:
             model.zero_grad(set_to_none=True)
             chosen = {id(p) for p in params}
-            for p, _ in flags:
-                p.requires_grad_(id(p) in chosen)
+            for p, flag in flags:  # a parameter the user froze stays frozen, as in the whole-model step
+                p.requires_grad_(flag and id(p) in chosen)
             if wants_loss:
                 accumulate_loss_gradients(model, calibration, batch_size)
 
-        def passes(indices: Sequence[int]) -> List[List[int]]:
-            return [list(indices[i:i + layers_per_pass]) for i in range(0, len(indices), layers_per_pass)]
+        def passes(items: Sequence[Any]) -> List[List[Any]]:  # layers_per_pass consecutive items a pass
+            return [list(items[i:i + layers_per_pass]) for i in range(0, len(items), layers_per_pass)]
 
         try:
             if getattr(imp, "balance", None) is not None and getattr(imp, "lam", 0) is None:

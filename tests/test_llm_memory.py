@@ -129,3 +129,16 @@ def test_streamed_step_rejects_bad_arguments():
         pruner.step(calibration=calibration, layers_per_pass=0)
     with pytest.raises(ValueError, match="token ids"):
         pruner.step(calibration=calibration.float())
+
+
+def test_streamed_step_keeps_frozen_parameters_frozen():
+    calibration = llm.calibration_batches(text_ids(), n_samples=2, seq_len=16)
+    scores = []
+    for streamed in (False, True):
+        model = tiny_llama(layers=3)
+        for p in llm.decoder_layers(model)[1].mlp.up_proj.parameters():
+            p.requires_grad_(False)  # no loss gradient, no connectivity gradient for it
+        seen, _ = _scores(model, ConnectImportance(lam=3.0, normalizer=None), calibration, streamed=streamed)
+        scores.append(seen)
+    for a, b in zip(*scores):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
