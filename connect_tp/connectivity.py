@@ -33,6 +33,7 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 import torch
 import torch.nn as nn
 from torch.func import functional_call
+from torch.overrides import TorchFunctionMode
 
 __all__ = [
     "BN_FLOWS",
@@ -288,28 +289,36 @@ class _RecomputedAbs:
     """
 
     def __init__(self) -> None:
-        self._rebuild: Dict[int, tuple] = {}  # storage address of an |W| -> (signed tensor, dtype)
-        self._alive: List[torch.Tensor] = []  # the registered |W| (kept so no address is reused)
+        # (storage address, dtype) of an |W| -> (signed tensor, dtype of the cast or None)
+        self._rebuild: Dict[tuple, tuple] = {}
+        self._alive: Dict[int, torch.Tensor] = {}  # the registered |W| (kept so no address is reused)
+
+    @staticmethod
+    def _key(t: torch.Tensor) -> Optional[tuple]:
+        if t.layout != torch.strided or t.is_meta or t.numel() == 0:
+            return None
+        return t.untyped_storage().data_ptr(), t.dtype, t.device
 
     def register(self, built: torch.Tensor, signed: torch.Tensor, dtype: Optional[torch.dtype]) -> None:
-        """``built`` is ``|signed|`` (cast to ``dtype``) and stays alive for the whole forward.
+        """``built`` is ``|signed|`` (cast to ``dtype``) and stays alive until :meth:`unregister`.
 
         (It must: a freed tensor's storage address could be reused by an activation.)
         """
-        if built.numel() > 0 and built.layout == torch.strided and not built.is_meta:
-            self._rebuild[built.untyped_storage().data_ptr()] = (signed.detach(), dtype)
-            self._alive.append(built)
+        key = self._key(built)
+        if key is not None:
+            self._rebuild[key] = (signed.detach(), dtype)
+            self._alive[id(built)] = built
 
     def unregister(self, built: torch.Tensor) -> None:
         """``built`` is about to be freed: its storage address may belong to another tensor next."""
-        if built.numel() > 0 and built.layout == torch.strided and not built.is_meta:
-            self._rebuild.pop(built.untyped_storage().data_ptr(), None)
-            self._alive = [t for t in self._alive if t is not built]
+        key = self._key(built)
+        if key is not None:
+            self._rebuild.pop(key, None)
+            self._alive.pop(id(built), None)
 
     def pack(self, t: torch.Tensor) -> Any:
-        if t.layout != torch.strided or t.is_meta or t.numel() == 0:
-            return t
-        entry = self._rebuild.get(t.untyped_storage().data_ptr())
+        key = self._key(t)
+        entry = self._rebuild.get(key) if key is not None else None
         if entry is None:
             return t
         return (entry, tuple(t.shape), t.stride(), t.storage_offset())
@@ -324,17 +333,20 @@ class _RecomputedAbs:
             return rebuilt.as_strided(shape, stride, offset)
 
 
-class _AbsWhileRunning:
-    """Module hooks that hand each module ``|W|`` of its own parameters only while its forward runs.
+class _AbsWhileRunning(TorchFunctionMode):
+    """Hands each module ``|W|`` of its own parameters only while its forward runs.
 
     Built all at once, the absolute copies of every weight would be alive together (13.5 GB for
     LLaMA-7B in bfloat16); this way one module's copy exists at a time, and :class:`_RecomputedAbs`
-    keeps autograd from holding on to it. ``missed`` names the parameters whose module never ran (a
-    model that reads a submodule's weight without calling it): the caller then measures again with
-    every ``|W|`` built up front.
+    keeps autograd from holding on to it. A model may also read a parameter outside its module's
+    forward (a parent multiplying by a child's weight, ``nn.MultiheadAttention``'s ``out_proj``):
+    that read would see the signed tensor, so every torch function call is watched, and
+    ``signed_read`` says whether one received a signed parameter; the caller then measures again
+    with every ``|W|`` built up front.
     """
 
     def __init__(self, model: nn.Module, params: Mapping[str, torch.Tensor], recompute: _RecomputedAbs):
+        super().__init__()
         canonical = {id(p): name for name, p in model.named_parameters()}  # tied weights: one name
         self.slots: Dict[nn.Module, List[Tuple[str, str]]] = {}
         for module in model.modules():
@@ -343,40 +355,57 @@ class _AbsWhileRunning:
                 if name is not None and name in params:
                     self.slots.setdefault(module, []).append((attr, name))
         self.params, self.recompute = params, recompute
-        self.used: set = set()
-        self.saved: Dict[nn.Module, List[Tuple[str, Any]]] = {}
+        self.signed = {id(t) for t in params.values()}
+        self.signed_read = False
+        self.saved: Dict[nn.Module, List[List[tuple]]] = {}  # a stack per module (nested calls)
         self.handles: List[Any] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if not self.signed_read:
+            for t in _flatten((args, kwargs)):
+                if isinstance(t, torch.Tensor) and id(t) in self.signed:
+                    self.signed_read = True
+                    break
+        return func(*args, **kwargs)
 
     def __enter__(self) -> "_AbsWhileRunning":
         for module in self.slots:
             self.handles.append(module.register_forward_pre_hook(self._enter))
             self.handles.append(module.register_forward_hook(self._exit, always_call=True))
-        return self
+        return super().__enter__()
 
     def _enter(self, module: nn.Module, args: Any) -> None:
-        saved = self.saved.setdefault(module, [])
+        frame = []
         for attr, name in self.slots[module]:
             signed = self.params[name]
-            built = signed.abs()
-            self.recompute.register(built, signed, None)
-            saved.append((attr, module._parameters[attr], built))
+            with torch._C.DisableTorchFunction():  # our own reads of the signed tensor
+                built = signed.abs()
+                self.recompute.register(built, signed, None)
+            frame.append((attr, module._parameters[attr], built))
             module._parameters[attr] = built
-            self.used.add(name)
-
-    @property
-    def missed(self) -> set:
-        return set(self.params) - self.used
+        self.saved.setdefault(module, []).append(frame)
 
     def _exit(self, module: nn.Module, args: Any, output: Any) -> None:
-        for attr, original, built in reversed(self.saved.pop(module, [])):
-            module._parameters[attr] = original
+        stack = self.saved.get(module)
+        if not stack:
+            return
+        for attr, original, built in reversed(stack.pop()):
+            if module._parameters.get(attr) is built:  # not already put back (by functional_call)
+                module._parameters[attr] = original
             self.recompute.unregister(built)
+        if not stack:
+            del self.saved[module]
 
     def __exit__(self, *exc) -> None:
-        for module in list(self.saved):
-            self._exit(module, (), None)
-        for handle in self.handles:
-            handle.remove()
+        try:
+            for module in list(self.saved):  # an exception skipped some forward hooks
+                while module in self.saved:
+                    self._exit(module, (), None)
+            for handle in self.handles:
+                handle.remove()
+        finally:
+            super().__exit__(*exc)
 
 
 def _abs_call(model: nn.Module, params: Mapping[str, torch.Tensor], inputs: Any,
@@ -398,9 +427,9 @@ def _abs_call(model: nn.Module, params: Mapping[str, torch.Tensor], inputs: Any,
                 torch.autograd.graph.saved_tensors_hooks(recompute.pack, recompute.unpack):
             # functional_call swaps the signed leaves in, then each module swaps in its |W| while it runs
             out = _call(model, {**signed, **overrides}, inputs)
-        if not hooks.missed:
+        if not hooks.signed_read:
             return out
-        del out  # a weight was read outside its module's forward, so maybe signed: measure again
+        del out  # a weight was read outside its module's forward, so signed: measure again
         recompute = _RecomputedAbs()
     abs_params = {name: p.abs() for name, p in params.items()}
     abs_params.update(overrides)
@@ -518,7 +547,6 @@ def describe_output_layer(model: nn.Module, example_inputs: Any) -> str:
     outside any submodule, the function (``"the function softmax in Net.forward"``). Used in
     error messages for models whose output is normalized, which makes connectivity meaningless.
     """
-    from torch.overrides import TorchFunctionMode
 
     names = {m: n for n, m in model.named_modules()}
     stack: List[nn.Module] = []

@@ -663,8 +663,8 @@ class ConnectImportance(tp.importance.TaylorImportance):
         ``log S``. The pass keeps no layer outputs and frees each value after its last use.
 
         First, a pass without gradients checks whether the flow is affine on the random inputs
-        (:func:`connect_tp.engine.affine_on_samples`; a ReLU network whose every sample runs on the
-        same linear pieces). Then ``phi_tot`` (the mean of the samples' flows) and its gradient are
+        (:func:`connect_tp.engine.affine_on_samples`: every sample on the same linear piece of
+        every ReLU, clamp and max-pool, and no other non-linearity). Then ``phi_tot`` (the mean of the samples' flows) and its gradient are
         those of the one mean input, and only that one is differentiated: a quarter of the
         activations at the default ``n_samples=4``, and a cheaper backward.
 

@@ -510,13 +510,17 @@ class LLMBlockPruner:
         wants_grad = wants_loss or getattr(imp, "lam", 0) != 0  # a connectivity term needs requires_grad
         flags = [(p, p.requires_grad) for p in model.parameters()]
 
-        def only(params: Iterable[nn.Parameter]) -> None:
+        def only(params: Iterable[nn.Parameter]) -> bool:
+            """Gradients for ``params`` alone; ``False`` (and none) when the user froze all of them."""
             model.zero_grad(set_to_none=True)
             chosen = {id(p) for p in params}
             for p, flag in flags:  # a parameter the user froze stays frozen, as in the whole-model step
                 p.requires_grad_(flag and id(p) in chosen)
+            if not any(flag and id(p) in chosen for p, flag in flags):
+                return False
             if wants_loss:
                 accumulate_loss_gradients(model, calibration, batch_size)
+            return True
 
         def passes(items: Sequence[Any]) -> List[List[Any]]:  # layers_per_pass consecutive items a pass
             return [list(items[i:i + layers_per_pass]) for i in range(0, len(items), layers_per_pass)]
@@ -529,14 +533,17 @@ class LLMBlockPruner:
                 parts = [[p for i in part for p in layers[i].parameters()] for part in passes(range(len(layers)))]
                 loss_mass = conn_mass = 0.0
                 for params in parts + [rest]:
-                    only(params)
+                    if not only(params):
+                        continue  # frozen: no gradient, no mass (as in the whole-model step)
                     loss, conn = imp.taylor_masses(model)
                     loss_mass, conn_mass = loss_mass + loss, conn_mass + conn
                 imp.lambda_from_masses(loss_mass, conn_mass, fix=True)
             plans = []
             for part in passes(groups):
-                if wants_grad:
-                    only([p for g in part for p in layers[g.index].parameters()])
+                if wants_grad and not only([p for g in part for p in layers[g.index].parameters()]):
+                    raise ValueError(f"decoder layers {[g.index for g in part]} have no parameter that requires a "
+                                     "gradient: unfreeze them, leave them out of layers=, or score with "
+                                     "accumulate_loss_gradients() and step() without calibration")
                 plans += [(g, self._head_indices(g), self._channel_indices(g)) for g in part]
         finally:
             model.zero_grad(set_to_none=True)

@@ -227,3 +227,63 @@ def test_kinked_samples_are_each_differentiated(monkeypatch):
     # ...and its result differs from the mean input's, which is why the check exists
     mean_out = torch.func.functional_call(model, {n: t.abs() for n, t in params.items()}, (x.mean(0, keepdim=True),))
     assert abs(float(torch.log(mean_out.sum())) - log_phi) > 1e-3
+
+
+def _shortcut_against_every_sample(model, x, monkeypatch):
+    """(used the mean input?, max |gradient difference| against differentiating every sample)."""
+    monkeypatch.setattr(importance_module, "connectivity_inputs", lambda model_, inputs, n, generator=None: x[:n].clone())
+    results = []
+    for shortcut in (True, False):
+        with monkeypatch.context() as m:
+            if not shortcut:
+                m.setattr(engine, "affine_on_samples", lambda *args, **kwargs: False)
+            imp = ConnectImportance(n_samples=x.shape[0], example_inputs=x[:1])
+            leaves = {n: p.detach().clone().requires_grad_(True) for n, p in model.named_parameters()}
+            with torch.enable_grad():
+                log_phi, grads = imp._traced_gradients(model, x, leaves, {})
+            results.append((imp.used_mean_sample, log_phi, grads))
+    (used, log_a, grads_a), (_, log_b, grads_b) = results
+    assert log_a == pytest.approx(log_b, rel=1e-6)
+    return used, max(float((a - b).abs().max()) for a, b in zip(grads_a, grads_b))
+
+
+def test_clamp_with_samples_on_both_flat_pieces_is_not_affine(monkeypatch):
+    # Hardtanh(0, 1) is neither convex nor concave: two samples on its two flat pieces have a mean on
+    # the slope, so the values at the mean can match while the gradients do not (found in review)
+    model = nn.Sequential(nn.Linear(1, 1, bias=False), nn.BatchNorm1d(1), nn.Hardtanh(0.0, 1.0),
+                          nn.Linear(1, 1, bias=False))
+    with torch.no_grad():
+        model[0].weight.fill_(4.0)
+        model[3].weight.fill_(1.0)
+        model[1].running_mean.fill_(1.0)
+        model[1].running_var.fill_(1.0 - model[1].eps)
+    model.eval()
+    x = torch.tensor([[0.125], [0.625]])  # before the clamp: -0.5 and 1.5
+    assert not engine.affine_on_samples(model, x, dict(model.named_parameters()), "stats")
+    used, gap = _shortcut_against_every_sample(model, x, monkeypatch)
+    assert not used and gap == 0.0
+
+
+def test_a_sample_just_below_a_kink_is_caught(monkeypatch):
+    # one sample 5e-6 below a ReLU's kink: values at the mean nearly match, gradients do not
+    model = _relu_net_with_a_kink_between_samples()
+    x = torch.tensor([[0.4999975, 0.4999975], [0.9, 0.9]])
+    assert not engine.affine_on_samples(model, x, dict(model.named_parameters()), "stats")
+    used, gap = _shortcut_against_every_sample(model, x, monkeypatch)
+    assert not used and gap == 0.0
+
+
+def test_batchnorm_without_running_statistics_is_not_affine():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, track_running_stats=False), nn.Conv2d(4, 2, 3),
+                          nn.Flatten()).eval()
+    assert not engine.affine_on_samples(model, torch.rand(4, 3, 8, 8), dict(model.named_parameters()), "stats")
+
+
+def test_max_pool_windows_must_pick_the_same_entry():
+    model = nn.Sequential(nn.MaxPool1d(2), nn.Flatten(), nn.Linear(1, 1))
+    params = dict(model.named_parameters())
+    same = torch.tensor([[[0.9, 0.1]], [[0.8, 0.3]]])
+    other = torch.tensor([[[0.9, 0.1]], [[0.2, 0.7]]])
+    assert engine.affine_on_samples(model, same, params, "stats")
+    assert not engine.affine_on_samples(model, other, params, "stats")

@@ -12,7 +12,7 @@ import torch_pruning as tp
 
 transformers = pytest.importorskip("transformers")
 
-from connect_tp import llm  # noqa: E402
+from connect_tp import connectivity, llm  # noqa: E402
 from connect_tp.connectivity import log_connectivity  # noqa: E402
 from connect_tp.importance import ConnectImportance  # noqa: E402
 from tests.test_llm import text_ids, tiny_llama  # noqa: E402
@@ -24,18 +24,34 @@ def _log_phi_and_grads(model, dtype=None):
     return log_phi.item(), torch.autograd.grad(log_phi, list(params.values()))
 
 
-def test_abs_per_module_equals_abs_built_up_front():
-    # dtype=float32 on a float32 model takes the path that builds every |W| first: the same numbers
+def test_abs_per_module_equals_plain_autograd_and_takes_the_lean_path(monkeypatch):
+    # reference: every |W| built first, plain functional_call, no hooks of ours
     model = tiny_llama(layers=3)
+    lean_reads = []
+    original_exit = connectivity._AbsWhileRunning.__exit__
+
+    def spy(self, *exc):
+        lean_reads.append(self.signed_read)
+        return original_exit(self, *exc)
+
+    monkeypatch.setattr(connectivity._AbsWhileRunning, "__exit__", spy)
     lazy, lazy_grads = _log_phi_and_grads(model)
-    eager, eager_grads = _log_phi_and_grads(model, torch.float32)
-    assert lazy == pytest.approx(eager, rel=1e-6)
-    for a, b in zip(lazy_grads, eager_grads):
+    assert lean_reads == [False]  # no weight read outside its module: one lean pass, no second one
+    params = {n: p.detach().requires_grad_(True) for n, p in model.named_parameters()}
+    inputs = connectivity.connectivity_inputs(model, {"input_ids": torch.zeros(1, 12, dtype=torch.long)}, 4,
+                                              torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        was = model.training
+    out = torch.func.functional_call(model.eval(), {n: p.abs() for n, p in params.items()}, kwargs=inputs)
+    model.train(was)
+    reference = torch.log(out.logits.double().flatten(1).sum(1).mean())
+    assert lazy == pytest.approx(reference.item(), rel=1e-6)
+    for a, b in zip(lazy_grads, torch.autograd.grad(reference, list(params.values()))):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-9)
 
 
 class _ReadsChildWeight(nn.Module):
-    """A forward that uses a submodule's weight without calling the submodule."""
+    """A forward that uses a submodule's weight without calling the submodule (and is not fx-traceable)."""
 
     def __init__(self):
         super().__init__()
@@ -43,22 +59,62 @@ class _ReadsChildWeight(nn.Module):
         self.second = nn.Linear(4, 2)
 
     def forward(self, x):
+        if float(x.sum()) < -1:  # data-dependent control flow: the traced-free path
+            x = -x
         return torch.relu(self.first(x)) @ self.second.weight.t()
 
 
-def test_weight_read_outside_its_module_is_still_absolute():
+class _CallsAndReadsEmbedding(nn.Module):
+    """An embedding called as a module and its weight read again as the output projection (tied)."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(10, 4)
+        self.mid = nn.Linear(4, 4)
+
+    def forward(self, ids):
+        if int(ids.sum()) < 0:  # not fx-traceable
+            raise ValueError
+        return torch.relu(self.mid(self.emb(ids))) @ self.emb.weight.t()
+
+
+@pytest.mark.parametrize("make,example", [
+    (_ReadsChildWeight, torch.zeros(1, 3)),
+    (_CallsAndReadsEmbedding, torch.zeros(1, 3, dtype=torch.long)),
+], ids=["child-never-called", "child-called-and-read"])
+def test_weight_read_outside_its_module_is_still_absolute(make, example):
     torch.manual_seed(0)
-    model = _ReadsChildWeight()
+    model = make()
     with torch.no_grad():
-        model.second.weight.neg_()  # all negative: a signed read would make phi negative
-    x = torch.rand(5, 3)
-    params = dict(model.named_parameters())
-    log_phi = log_connectivity(model, x[:1], n_samples=5, seed=0, params=params)
-    g = torch.Generator().manual_seed(0)
-    inputs = torch.rand(5, 3, generator=g)
-    w1, b1, w2 = model.first.weight.abs(), model.first.bias.abs(), model.second.weight.abs()
-    expected = ((inputs @ w1.t() + b1) @ w2.t()).double().sum(1).mean()
-    assert log_phi.item() == pytest.approx(math.log(expected.item()), rel=1e-6)
+        for p in model.parameters():
+            p.neg_()  # mostly negative: a signed read would change phi (or make it negative)
+    params = {n: p.detach().requires_grad_(True) for n, p in model.named_parameters()}
+    log_phi = log_connectivity(model, example, n_samples=4, seed=0, params=params)
+    inputs = connectivity.connectivity_inputs(model, example, 4, torch.Generator().manual_seed(0))
+    abs_params = {n: p.abs() for n, p in params.items()}
+    reference = torch.log(torch.func.functional_call(model, abs_params, (inputs,)).double().flatten(1).sum(1).mean())
+    assert log_phi.item() == pytest.approx(reference.item(), rel=1e-6)
+    for a, b in zip(torch.autograd.grad(log_phi, list(params.values()), allow_unused=True),
+                    torch.autograd.grad(reference, list(params.values()), allow_unused=True)):
+        assert (a is None) == (b is None)  # an unused bias has no gradient either way
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-9)
+
+
+def test_interrupted_pass_leaves_the_model_parameters_in_place():
+    class Interrupting(nn.Linear):
+        def forward(self, x):
+            raise KeyboardInterrupt
+
+    model = _ReadsChildWeight()
+    model.first.__class__ = Interrupting
+    originals = dict(model.named_parameters())
+    with pytest.raises(KeyboardInterrupt):
+        log_connectivity(model, torch.zeros(1, 3), 4,
+                         params={n: p.detach().requires_grad_(True) for n, p in model.named_parameters()})
+    after = dict(model.named_parameters())
+    assert after.keys() == originals.keys()
+    assert all(after[n] is p and isinstance(after[n], nn.Parameter) for n, p in originals.items())
 
 
 def _scores(model, importance, calibration, streamed, **kw):
@@ -142,3 +198,27 @@ def test_streamed_step_keeps_frozen_parameters_frozen():
         scores.append(seen)
     for a, b in zip(*scores):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+
+
+def test_streamed_step_with_frozen_embeddings_and_head_resolves_the_same_lambda():
+    calibration = llm.calibration_batches(text_ids(), n_samples=2, seq_len=16)
+    lams = []
+    for streamed in (False, True):
+        model = tiny_llama(layers=3)
+        for module in (model.model.embed_tokens, model.model.norm, model.lm_head):
+            for p in module.parameters():
+                p.requires_grad_(False)
+        imp = ConnectImportance(balance=1.0)
+        _scores(model, imp, calibration, streamed=streamed)
+        lams.append(imp.lam)
+    assert lams[1] == pytest.approx(lams[0], rel=1e-5)
+
+
+def test_streamed_step_names_a_frozen_layer_it_must_score():
+    model = tiny_llama(layers=3)
+    for p in llm.decoder_layers(model)[1].parameters():
+        p.requires_grad_(False)
+    pruner = llm.LLMBlockPruner(model, ConnectImportance(lam=1.0), 0.25, layers=[1])
+    with pytest.raises(ValueError, match=r"decoder layers \[1\] have no parameter"):
+        pruner.step(calibration=llm.calibration_batches(text_ids(), n_samples=2, seq_len=16))
+    assert all(p.grad is None for p in model.parameters())

@@ -331,8 +331,8 @@ def run_traced(
         layer_outputs: keep the flow after every linear and convolution layer (``False``: the
             returned dict is empty and each layer's output is freed once the next layers used it,
             which is what a caller that only wants ``log phi`` and its gradient needs).
-        inspect: called as ``inspect(node, value)`` after every computed node (it may raise to stop
-            the pass; :func:`affine_on_samples` uses it).
+        inspect: called as ``inspect(node, value, args, kwargs)`` after every computed node, with
+            the node's input values (it may raise to stop the pass; :func:`affine_on_samples` uses it).
 
     Returns:
         ``(output, layer_outputs)``: the model's output structure with :class:`Scaled` in place of
@@ -408,7 +408,7 @@ def run_traced(
         else:
             env[node] = run.call_function(node, args, kwargs)
         if inspect is not None:
-            inspect(node, env[node])
+            inspect(node, env[node], args, kwargs)
         for used in dead_after.get(node, ()):
             env.pop(used, None)
     raise RuntimeError("fx graph has no output node")  # pragma: no cover
@@ -419,69 +419,153 @@ class _NotAffine(Exception):
 
 
 def affine_on_samples(model: nn.Module, samples: torch.Tensor, params: Mapping[str, torch.Tensor],
-                      bn_flow: str, tolerance: float = 1e-5) -> bool:
+                      bn_flow: str) -> bool:
     """Whether the signal flow is affine on the convex hull of ``samples`` (a batch of inputs).
 
     Then the mean over the samples of any output, and its gradient by the parameters, are those of
     the one mean input, so :class:`~connect_tp.importance.ConnectImportance` differentiates one
-    sample instead of ``n``. The test: one pass without gradients on the samples plus their mean;
-    at every node, the value at the mean input must equal the mean of the values (within
-    ``tolerance`` of each entry's size; nodes whose operation is affine anyway, such as convolutions
-    and sums, are not checked). Along a graph of affine maps and piecewise-linear
-    ones (ReLU, max-pooling, clamps) this holds at every node exactly when every sample runs on the
-    same linear piece of each (Jensen's inequality is strict across a kink), and then the flow is
-    affine between the samples; any other non-linearity (a norm, a product of two flows, a smooth
-    activation) fails it and the caller differentiates every sample. The pass keeps nothing
-    alive, and stops at the first node that fails.
+    sample instead of ``n``. The test: one pass without gradients on the samples, in which every
+    node must be affine by itself (convolutions, linear layers, eval BatchNorm, sums, average
+    pooling, reshapes, a product with a constant) or piecewise linear with every sample on the
+    same piece: a ReLU (or leaky ReLU) input never positive for one sample and negative for
+    another, a clamp's input never on both sides of either bound, a max-pool choosing the same
+    entry of every window for every sample. The pieces are convex, so the whole hull then runs on
+    them and the flow is affine there; any other operation (a norm, a product of two flows, a smooth
+    activation, a BatchNorm without running statistics) fails the test and the caller
+    differentiates every sample. Exact: no tolerance. The pass keeps nothing alive and stops at
+    the first node that fails.
     """
     n = samples.shape[0]
-    batch = torch.cat([samples, samples.mean(0, keepdim=True)])
 
-    def check(node: fx.Node, value: Any) -> None:
-        if _is_linear_node(model, node):
-            return  # equal means in, equal means out: only the other nodes can break it
-        for flow in _scaled_in(value):
-            v = flow.value
-            if v.dim() == 0 or v.shape[0] != n + 1 or not v.is_floating_point():
+    def check(node: fx.Node, value: Any, args: tuple, kwargs: dict) -> None:
+        if not _scaled_in(value):
+            return  # sizes, dtypes: no flow
+        kind, x, low, high = _piece_rule(model, node, args, kwargs)
+        if kind == "linear":
+            return
+        if kind is None or not isinstance(x, Scaled) or x.value.dim() == 0 or x.value.shape[0] != n:
+            raise _NotAffine(node.name)
+        v = x.value
+        if kind == "maxpool":
+            indices = _max_pool_indices(model, node, v, args, kwargs)
+            if indices is None or not bool((indices == indices[:1]).all()):
                 raise _NotAffine(node.name)
-            if v.numel() == 0:
+            return
+        for bound in (low, high):  # a kink: no sample strictly on each side of it
+            if bound is None:
                 continue
-            # per element, relative to its own size; rounding-level gaps of a node's tiny entries pass
-            mean = v[:n].mean(0)
-            size = mean.abs()
-            bound = size.add_(size.amax() * tolerance).mul_(tolerance)
-            if not bool(mean.sub_(v[n]).abs_().le_(bound).all()):
+            try:
+                threshold = bound * math.exp(-x.log_scale) if bound else 0.0
+            except OverflowError:
+                threshold = math.copysign(math.inf, bound)
+            if bool(((v > threshold).any(0) & (v < threshold).any(0)).any()):
                 raise _NotAffine(node.name)
 
     with torch.no_grad():
         try:
-            run_traced(model, batch, params, "signal", bn_flow, layer_outputs=False, inspect=check)
+            run_traced(model, samples, params, "signal", bn_flow, layer_outputs=False, inspect=check)
         except _NotAffine:
             return False
     return True
 
 
 _LINEAR_MODULES = CONV_TYPES + (
-    nn.Linear, nn.modules.batchnorm._BatchNorm, nn.Identity, nn.Dropout, nn.modules.dropout._DropoutNd,
+    nn.Linear, nn.Identity, nn.Dropout, nn.modules.dropout._DropoutNd,
     nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
-    nn.Flatten, nn.Unflatten,
+    nn.Flatten, nn.Unflatten, nn.ZeroPad2d, nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d,
+    nn.PixelShuffle, nn.PixelUnshuffle, nn.ChannelShuffle,
 )
-_LINEAR_FUNCTIONS = _ADD | _SUB | _DROPOUT | {
-    torch.flatten, torch.reshape, torch.permute, torch.transpose, torch.squeeze, torch.unsqueeze,
-    torch.mean, torch.sum, operator.getitem, torch.cat, torch.stack, operator.neg, torch.neg,
-    F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d,
-}
-_LINEAR_METHODS = {"add", "add_", "sub", "sub_", "view", "reshape", "flatten", "permute", "transpose", "squeeze",
-                   "unsqueeze", "contiguous", "mean", "sum", "neg", "clone", "t"}
+_MAX_POOL_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d,
+                     nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d)
+_RELU_FUNCTIONS = {torch.relu, F.relu, F.leaky_relu}
+_MAX_POOL_FUNCTIONS = {F.max_pool1d, F.max_pool2d, F.max_pool3d,
+                       F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool3d}
+# affine in the flow (constant padding, nearest / linear interpolation included)
+_LINEAR_FUNCTIONS = (_HOMOGENEOUS_FUNCTIONS - _RELU_FUNCTIONS - _MAX_POOL_FUNCTIONS) | _ADD | _SUB | _DROPOUT \
+    | _SPLITTING | {torch.cat, torch.stack, operator.neg, torch.neg}
+_LINEAR_METHODS = (_HOMOGENEOUS_METHODS - {"relu", "relu_"}) | _SPLITTING_METHODS \
+    | {"add", "add_", "sub", "sub_", "neg", "type_as", "to", "float", "double", "half"}
 
 
-def _is_linear_node(model: nn.Module, node: fx.Node) -> bool:
-    """Whether the node's operation is affine in its flows whatever they are (a convolution, a sum)."""
+def _piece_rule(model: nn.Module, node: fx.Node, args: tuple, kwargs: dict) -> Tuple[Optional[str], Any, Any, Any]:
+    """``(kind, flow input, low, high)`` of a node for :func:`affine_on_samples`.
+
+    ``kind`` is ``"linear"``, ``"kinks"`` (kinks at ``low`` and ``high``), ``"maxpool"`` or
+    ``None`` (not piecewise linear, or not known to be).
+    """
+    first = args[0] if args else None
+    target = node.target
     if node.op == "call_module":
-        return isinstance(model.get_submodule(node.target), _LINEAR_MODULES)
+        m = model.get_submodule(target)
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):  # eval statistics: affine; batch statistics: not
+            return ("linear" if m.running_mean is not None else None), first, None, None
+        if isinstance(m, _LINEAR_MODULES):
+            return "linear", first, None, None
+        if isinstance(m, (nn.ReLU, nn.LeakyReLU)):
+            return "kinks", first, 0.0, None
+        if isinstance(m, nn.Hardtanh):  # ReLU6 included
+            return "kinks", first, m.min_val, m.max_val
+        if isinstance(m, _MAX_POOL_MODULES):
+            return "maxpool", first, None, None
+        return None, first, None, None
+    flows = [a for a in _scaled_in((args, kwargs))]
     if node.op == "call_method":
-        return node.target in _LINEAR_METHODS
-    return node.op == "call_function" and node.target in _LINEAR_FUNCTIONS
+        name = target
+        if name in _LINEAR_METHODS:
+            return "linear", first, None, None
+        if name in ("relu", "relu_"):
+            return "kinks", first, 0.0, None
+        if name in ("mul", "mul_", "div", "div_", "matmul") and len(flows) == 1:
+            return "linear", first, None, None
+        if name in ("clamp", "clamp_") and not isinstance(args[1] if len(args) > 1 else None, torch.Tensor):
+            low = args[1] if len(args) > 1 else kwargs.get("min")
+            high = args[2] if len(args) > 2 else kwargs.get("max")
+            if not isinstance(high, torch.Tensor):
+                return "kinks", first, low, high
+        return None, first, None, None
+    if node.op != "call_function":
+        return "linear", first, None, None
+    if target in _RELU_FUNCTIONS:
+        return "kinks", first, 0.0, None
+    if target is F.relu6:
+        return "kinks", first, 0.0, 6.0
+    if target is F.hardtanh:
+        return "kinks", first, args[1] if len(args) > 1 else kwargs.get("min_val", -1.0), \
+            args[2] if len(args) > 2 else kwargs.get("max_val", 1.0)
+    if target is torch.clamp:
+        low = args[1] if len(args) > 1 else kwargs.get("min")
+        high = args[2] if len(args) > 2 else kwargs.get("max")
+        if not isinstance(low, torch.Tensor) and not isinstance(high, torch.Tensor):
+            return "kinks", first, low, high
+        return None, first, None, None
+    if target in _MAX_POOL_FUNCTIONS:
+        return "maxpool", first, None, None
+    if target in _LINEAR_FUNCTIONS or target in _CONV_FUNCTIONS or target is F.linear:
+        if target in _CONV_FUNCTIONS or target is F.linear:  # the weight must be a constant
+            return ("linear" if len(flows) == 1 and _is_scaled(first) else None), first, None, None
+        return "linear", first, None, None
+    if (target in _MUL or target in _DIV or target in _MULTILINEAR) and len(flows) == 1:
+        return "linear", first, None, None
+    return None, first, None, None
+
+
+def _max_pool_indices(model: nn.Module, node: fx.Node, v: torch.Tensor, args: tuple,
+                      kwargs: dict) -> Optional[torch.Tensor]:
+    """The entry each window of a max-pool node picks, per sample (``None``: cannot tell)."""
+    try:
+        if node.op == "call_module":
+            m = model.get_submodule(node.target)
+            if isinstance(m, (nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d)):
+                fn = {nn.AdaptiveMaxPool1d: F.adaptive_max_pool1d, nn.AdaptiveMaxPool2d: F.adaptive_max_pool2d,
+                      nn.AdaptiveMaxPool3d: F.adaptive_max_pool3d}[type(m)]
+                return fn(v, m.output_size, return_indices=True)[1]
+            fn = {nn.MaxPool1d: F.max_pool1d, nn.MaxPool2d: F.max_pool2d, nn.MaxPool3d: F.max_pool3d}[type(m)]
+            return fn(v, m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode, return_indices=True)[1]
+        plain_args = (v,) + tuple(_materialize(args[1:]))
+        plain_kwargs = {k: w for k, w in _materialize(kwargs).items() if k != "return_indices"}
+        return node.target(*plain_args, **plain_kwargs, return_indices=True)[1]
+    except (TypeError, KeyError, RuntimeError):
+        return None
 
 
 def output_flow(output: Any) -> Any:
