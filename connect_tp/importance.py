@@ -746,8 +746,13 @@ class ConnectImportance(tp.importance.TaylorImportance):
         output, e.g. a softmax (phi_tot is then the number of rows, a constant).
         """
         pairs = [(params[n].detach(), g) for n, g in zip(names, grads) if g is not None]
-        if pairs and len({(w.device, w.dtype, g.dtype) for w, g in pairs}) == 1:  # one multi-tensor kernel
-            norms = list(torch._foreach_norm(torch._foreach_mul([w for w, _ in pairs], [g for _, g in pairs]), 1))
+        if pairs and len({(w.device, w.dtype, g.dtype) for w, g in pairs}) == 1:
+            # multi-tensor kernels over batches of a few MB: the products of one batch alive at a time
+            norms, start = [], 0
+            for batch in _batches_of_elements([w for w, _ in pairs], _SEGMENT_BATCH_ELEMENTS):
+                part = pairs[start:start + len(batch)]
+                start += len(batch)
+                norms += torch._foreach_norm(torch._foreach_mul([w for w, _ in part], [g for _, g in part]), 1)
         else:
             norms = [torch.linalg.vector_norm(w * g, 1) for w, g in pairs]
         # Summed on the CPU: the parameters of a split model (device_map="auto") sit on several devices.
