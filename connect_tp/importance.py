@@ -50,10 +50,10 @@ __all__ = ["ConnectImportance", "DEFAULT_BALANCE", "DEFAULT_BN_FLOW", "MAX_LAMBD
 
 #: Default balance kappa of the connectivity term against the loss term (see the module docstring),
 #: picked by the ranking benchmark's pre-registered rule (best mean accuracy after fine-tuning at 8x
-#: and 16x; docs/benchmarks.md, "Choosing kappa"). On its first seed the rule picked the
-#: connectivity term alone (kappa = inf: 83.6, kappa = 100: 80.8, L2: 79.3, kappa = 1: 61.7, Taylor:
-#: 58.3). Provisional until more seeds are in. The blend (``balance=1``) kept the most accuracy
-#: *before* fine-tuning at 2x-2.5x in the same run.
+#: and 16x; docs/benchmarks.md, "Choosing kappa"). On seed 0, and on seeds 0-1, the rule picked the
+#: connectivity term alone; on seeds 0-2 it picks kappa = 100 (81.8 against inf 78.7 and L2 82.4,
+#: all tied within the spread over seeds), the grid's largest finite value, which the rule does not
+#: make a default before the grid is widened. Provisional until then.
 DEFAULT_BALANCE = math.inf
 
 #: Default treatment of BatchNorm in phi_tot (:data:`connect_tp.connectivity.BN_FLOWS`), chosen by
