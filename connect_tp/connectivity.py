@@ -418,8 +418,9 @@ def _abs_call(model: nn.Module, params: Mapping[str, torch.Tensor], inputs: Any,
     happens with a ``dtype`` cast (a fallback) or when a module's weight is read outside its forward.
     """
     recompute = _RecomputedAbs()
-    overrides = bn_flow_overrides(model, bn_flow, {name: p.abs() for name, p in params.items()
-                                                   if name.endswith("weight") and name in _batchnorm_params(model)})
+    # only the BatchNorm gammas are read by the overrides ("stats" has none)
+    gammas = {} if bn_flow == "stats" else {n: params[n].abs() for n in _batchnorm_params(model) if n in params}
+    overrides = bn_flow_overrides(model, bn_flow, gammas)
     if dtype is None:
         signed = {name: p for name, p in params.items() if name not in overrides}
         hooks = _AbsWhileRunning(model, signed, recompute)

@@ -297,16 +297,17 @@ def _follow_model(inputs: Any, model: nn.Module) -> Any:
     return move(inputs)
 
 
-def _batches_of_elements(tensors: Sequence[torch.Tensor], limit: int) -> List[List[torch.Tensor]]:
-    """Consecutive runs of ``tensors`` holding at most ``limit`` elements each (a larger tensor alone)."""
-    batches: List[List[torch.Tensor]] = []
-    size = limit + 1
-    for t in tensors:
-        if size + t.numel() > limit:
+def _batches_of_elements(items: Sequence[Any], limit: int,
+                         size: Callable[[Any], int] = lambda t: t.numel()) -> List[List[Any]]:
+    """Consecutive runs of ``items`` holding at most ``limit`` elements each (a larger item alone)."""
+    batches: List[List[Any]] = []
+    filled = limit + 1
+    for item in items:
+        if filled + size(item) > limit:
             batches.append([])
-            size = 0
-        batches[-1].append(t)
-        size += t.numel()
+            filled = 0
+        batches[-1].append(item)
+        filled += size(item)
     return batches
 
 
@@ -748,10 +749,8 @@ class ConnectImportance(tp.importance.TaylorImportance):
         pairs = [(params[n].detach(), g) for n, g in zip(names, grads) if g is not None]
         if pairs and len({(w.device, w.dtype, g.dtype) for w, g in pairs}) == 1:
             # multi-tensor kernels over batches of a few MB: the products of one batch alive at a time
-            norms, start = [], 0
-            for batch in _batches_of_elements([w for w, _ in pairs], _SEGMENT_BATCH_ELEMENTS):
-                part = pairs[start:start + len(batch)]
-                start += len(batch)
+            norms = []
+            for part in _batches_of_elements(pairs, _SEGMENT_BATCH_ELEMENTS, size=lambda pair: pair[0].numel()):
                 norms += torch._foreach_norm(torch._foreach_mul([w for w, _ in part], [g for _, g in part]), 1)
         else:
             norms = [torch.linalg.vector_norm(w * g, 1) for w, g in pairs]

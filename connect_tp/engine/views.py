@@ -508,7 +508,7 @@ def _piece_rule(model: nn.Module, node: fx.Node, args: tuple, kwargs: dict) -> T
         if isinstance(m, _MAX_POOL_MODULES):
             return "maxpool", first, None, None
         return None, first, None, None
-    flows = [a for a in _scaled_in((args, kwargs))]
+    flows = _scaled_in((args, kwargs))
     if node.op == "call_method":
         name = target
         if name in _LINEAR_METHODS:
@@ -540,9 +540,9 @@ def _piece_rule(model: nn.Module, node: fx.Node, args: tuple, kwargs: dict) -> T
         return None, first, None, None
     if target in _MAX_POOL_FUNCTIONS:
         return "maxpool", first, None, None
-    if target in _LINEAR_FUNCTIONS or target in _CONV_FUNCTIONS or target is F.linear:
-        if target in _CONV_FUNCTIONS or target is F.linear:  # the weight must be a constant
-            return ("linear" if len(flows) == 1 and _is_scaled(first) else None), first, None, None
+    if target in _CONV_FUNCTIONS or target is F.linear:  # the weight must be a constant
+        return ("linear" if len(flows) == 1 and _is_scaled(first) else None), first, None, None
+    if target in _LINEAR_FUNCTIONS:
         return "linear", first, None, None
     if (target in _MUL or target in _DIV or target in _MULTILINEAR) and len(flows) == 1:
         return "linear", first, None, None
