@@ -29,8 +29,11 @@ from typing import Any, Dict, List, Optional, Sequence
 from benchmarks import cifar_pruning
 from connect_tp.pipeline.table import format_stat, mean_spread
 
-KAPPA_GRID = (0.3, 1.0, 3.0, 10.0, 30.0, 100.0, math.inf)
-"""Balances swept in phase 1; 0 is the ``taylor`` row (``ConnectImportance(balance=0)`` equals it exactly)."""
+KAPPA_GRID = (0.3, 1.0, 3.0, 10.0, 30.0, 100.0, 300.0, 1000.0, math.inf)
+"""Balances swept in phase 1; 0 is the ``taylor`` row (``ConnectImportance(balance=0)`` equals it exactly).
+
+300 and 1000 were added after seeds 0-2 put the rule's best at 100, the old grid's largest finite value
+(the rule, written before the sweep, widens the grid rather than set a default at its edge)."""
 
 BASELINES = ("l2", "taylor", "lamp", "l1", "random", "uniform")
 RULE_TARGETS = (8.0, 16.0)
@@ -48,7 +51,7 @@ def phase1_methods() -> List[str]:
     # Interleaved so that an interrupted seed still has the most informative rows.
     k = kappa_method
     return ["l2", "taylor", k(1.0), k(math.inf), k(10.0), "lamp", k(3.0), "random", k(30.0), "l1",
-            k(0.3), "uniform", k(100.0)]
+            k(0.3), "uniform", k(100.0), k(300.0), k(1000.0)]
 
 
 def read_results(run_dirs: Sequence[str]) -> List[Dict[str, Any]]:
