@@ -32,8 +32,11 @@ def _cli(stage: str, preset: str, seed: int, out: str, common: Sequence[str], *e
             "--out", out, "--resume", *common, *extra]
 
 
-def plan(seeds: Sequence[int], methods: Sequence[str], preset: str, root: str, common: Sequence[str]):
-    """(label, base folder or None, folder, argv) jobs in priority order; a job's base must exist first."""
+def plan(seeds: Sequence[int], methods: Sequence[str], preset: str, root: str, common: Sequence[str],
+         with_2_5x: bool = True):
+    """(label, base folder or None, folder, argv) jobs in priority order; a job's base must exist first.
+
+    ``with_2_5x=False`` leaves out the 2.5x fine-tunings (run the same command again without it later)."""
     first, last = [], []
     for method in methods:  # method-major: every seed gets the most telling rows first
         for seed in seeds:
@@ -43,7 +46,7 @@ def plan(seeds: Sequence[int], methods: Sequence[str], preset: str, root: str, c
                 _cli("finetune", preset, seed, out, common, "--methods", method, "--speed-up", "8", "16")]))
             last.append((f"{method}/s{seed}@2.5x", base, out, [
                 _cli("finetune", preset, seed, out, common, "--methods", method, "--speed-up", "2.5")]))
-    return first + last
+    return first + (last if with_2_5x else [])
 
 
 def _copy_base(base: str, out: str) -> None:
@@ -121,6 +124,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--data-dir", default="data")
     parser.add_argument("--root", default=os.path.join("runs", "ranking-parallel"))
     parser.add_argument("--deadline", type=float, default=None, help="seconds from now: no job starts after it")
+    parser.add_argument("--skip-2.5x", dest="with_2_5x", action="store_false",
+                        help="only the rule's fine-tunings (8x, 16x); the 2.5x ones on a later run")
     args = parser.parse_args(argv)
     start = time.time()
     deadline = None if args.deadline is None else start + args.deadline
@@ -133,7 +138,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         threads = str(max(1, args.workers // len(args.seeds)))
         pool.start(f"base/s{seed}", [_cli("train", args.preset, seed, base,
                                           common[:-1] + [threads])])
-    queue = plan(args.seeds, methods, args.preset, args.root, common)
+    queue = plan(args.seeds, methods, args.preset, args.root, common, args.with_2_5x)
     while pool.running or queue:
         for label in pool.poll():
             if not label.startswith("base/"):

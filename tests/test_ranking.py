@@ -95,6 +95,8 @@ def test_parallel_plan_gives_each_seed_and_method_its_own_folder_and_the_rule_fi
     assert [a[a.index("benchmarks.cifar_pruning") + 1] for a in argvs] == ["prune", "finetune"]
     assert all("--resume" in a and a[a.index("--out") + 1] == out and "cuda" in a for a in argvs)
     assert argvs[1][-3:] == ["--speed-up", "8", "16"] and jobs[6][3][0][-2:] == ["--speed-up", "2.5"]
+    short = ranking_parallel.plan([0, 1], ["l2", "connect-kinf"], "ranking", "root", [], with_2_5x=False)
+    assert [label for label, *_ in short] == labels[:4]
 
 
 def test_parallel_pool_runs_a_job_s_commands_in_order_and_stops_at_the_deadline(tmp_path):
