@@ -22,7 +22,7 @@ import shutil
 import subprocess
 import sys
 import time
-from typing import List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 from benchmarks.ranking import BN_FLOWS, kappa_method, phase1_methods
 
@@ -112,6 +112,40 @@ class Pool:
         self.running.clear()
 
 
+def drain(pool: Pool, queue: list, workers: int, training: Optional[Dict[str, str]] = None) -> list:
+    """Run the ``(label, base, out, argvs)`` jobs in order, at most ``workers`` at once; the unstarted ones are returned.
+
+    A job waits for its base folder (``training`` maps the labels of the pool's jobs that train base
+    models to their folders; a failed one drops the jobs on that base) and for its own folder (two
+    jobs of one folder never run together).
+    """
+    training = training or {}
+    while pool.running or queue:
+        for label in pool.poll():
+            base = training.get(label)
+            if base is not None and not os.path.exists(os.path.join(base, "base.json")):
+                print(f"{label} failed: its seed's jobs are dropped", flush=True)
+                queue = [job for job in queue if job[1] != base]
+        if pool.expired():
+            print(f"deadline reached: stopping {len(pool.running)} job(s), {len(queue)} not started", flush=True)
+            pool.stop_all()
+            break
+        for job in list(queue):
+            if len(pool.running) >= workers:
+                break
+            label, base, out, argvs = job
+            if base is not None and not os.path.exists(os.path.join(base, "base.json")):
+                continue  # its base model is still training
+            if any(other.split("@")[0] == label.split("@")[0] for other in pool.running):
+                continue  # the same folder is busy (its 8x/16x job before its 2.5x job)
+            queue.remove(job)
+            if base is not None:
+                _copy_base(base, out)
+            pool.start(label, argvs)
+        time.sleep(1)
+    return queue
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", required=True)
@@ -133,36 +167,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     methods = args.methods or phase1_methods() + [kappa_method(args.bn_kappa, f) for f in BN_FLOWS]
     pool = Pool(args.workers, os.path.join(args.root, "logs"), deadline)
 
+    training = {}
     for seed in args.seeds:  # base models first, in parallel (each with its share of the threads)
         base = os.path.join(args.root, f"seed{seed}", "base")
         threads = str(max(1, args.workers // len(args.seeds)))
+        training[f"base/s{seed}"] = base
         pool.start(f"base/s{seed}", [_cli("train", args.preset, seed, base,
                                           common[:-1] + [threads])])
     queue = plan(args.seeds, methods, args.preset, args.root, common, args.with_2_5x)
-    while pool.running or queue:
-        for label in pool.poll():
-            if not label.startswith("base/"):
-                continue
-            base = os.path.join(args.root, "seed" + label[len("base/s"):], "base")
-            if not os.path.exists(os.path.join(base, "base.json")):
-                print(f"{label} failed: its seed's jobs are dropped", flush=True)
-                queue = [job for job in queue if job[1] != base]
-        if pool.expired():
-            print(f"deadline reached: stopping {len(pool.running)} job(s), {len(queue)} not started", flush=True)
-            pool.stop_all()
-            break
-        for job in list(queue):
-            if len(pool.running) >= args.workers:
-                break
-            label, base, out, argvs = job
-            if not os.path.exists(os.path.join(base, "base.json")):
-                continue  # its base model is still training
-            if any(other.split("@")[0] == label.split("@")[0] for other in pool.running):
-                continue  # the same folder is busy (its 8x/16x job before its 2.5x job)
-            queue.remove(job)
-            _copy_base(base, out)
-            pool.start(label, argvs)
-        time.sleep(1)
+    queue = drain(pool, queue, args.workers, training)
     print(f"done in {time.time() - start:.0f} s; {len(queue)} job(s) not started", flush=True)
     return 0
 
