@@ -451,6 +451,7 @@ def affine_on_samples(model: nn.Module, samples: torch.Tensor, params: Mapping[s
             if indices is None or not bool((indices == indices[:1]).all()):
                 raise _NotAffine(node.name)
             return
+        lowest = highest = None  # per unit, over the samples: one reduction for both kinks
         for bound in (low, high):  # a kink: no sample strictly on each side of it
             if bound is None:
                 continue
@@ -458,7 +459,9 @@ def affine_on_samples(model: nn.Module, samples: torch.Tensor, params: Mapping[s
                 threshold = bound * math.exp(-x.log_scale) if bound else 0.0
             except OverflowError:
                 threshold = math.copysign(math.inf, bound)
-            if bool(((v > threshold).any(0) & (v < threshold).any(0)).any()):
+            if lowest is None:
+                lowest, highest = torch.aminmax(v, dim=0)
+            if bool(((highest > threshold) & (lowest < threshold)).any()):
                 raise _NotAffine(node.name)
 
     with torch.no_grad():
