@@ -170,6 +170,19 @@ def stage_widths(result: Dict[str, Any]) -> str:
     return " · ".join(parts)
 
 
+def _table_order(method: str) -> tuple:
+    """CoNNect rows first, by kappa (then BatchNorm treatment), then the built-ins by name."""
+    from connect_tp.pipeline.methods import parse_method
+
+    try:
+        criterion, options = parse_method(method)
+    except ValueError:
+        return (1, 0.0, method)
+    if criterion != "connect":
+        return (1, 0.0, method)
+    return (0, options.get("balance", options.get("lam", math.inf)), method)
+
+
 def summarize(run_dirs: Sequence[str], output: str) -> str:
     results = read_results(run_dirs)
     seen = {}
@@ -180,7 +193,7 @@ def summarize(run_dirs: Sequence[str], output: str) -> str:
                              "folders; summarize each copy once")
         seen[key] = r
     seeds = sorted({r["seed"] for r in results})
-    methods = sorted({r["method"] for r in results}, key=lambda m: (not m.startswith("connect"), m))
+    methods = sorted({r["method"] for r in results}, key=_table_order)
     bases_by_seed = {}
     for d in run_dirs:
         path = os.path.join(d, "base.json")

@@ -73,6 +73,17 @@ def test_summary_reports_paired_differences_and_the_rule(tmp_path):
     assert os.path.isfile(tmp_path / "out" / "table.md")
 
 
+def test_summary_lists_connect_rows_by_kappa_then_the_built_ins(tmp_path):
+    methods = ["l2", "connect-k300", "connect-kinf", "connect-k1000", "connect-k3", "connect-k100-bngamma", "taylor"]
+    write_run(tmp_path / "s0", [result(m, 8.0, 70.0) for m in methods])
+    text = ranking.summarize([str(tmp_path / "s0")], str(tmp_path / "out"))
+    first_table = text.split("**Paired")[0]
+    order = [line.split(" | ")[0][2:] for line in first_table.splitlines() if line.startswith("| ") and "---" not in line
+             and not line.startswith("| method")]
+    assert order[:len(methods)] == ["connect-k3", "connect-k100-bngamma", "connect-k300", "connect-k1000",
+                                    "connect-kinf", "l2", "taylor"]
+
+
 def test_summary_refuses_a_method_twice_for_one_seed(tmp_path):
     write_run(tmp_path / "a", [result("l2", 8.0, 70.0)])
     write_run(tmp_path / "b", [result("l2", 8.0, 71.0)])
