@@ -170,6 +170,22 @@ def stage_widths(result: Dict[str, Any]) -> str:
     return " · ".join(parts)
 
 
+SCHEDULE_WORDS = {"step": "constant rate (the `ranking` preset)", "cosine": "rate decayed to 0 by a per-batch cosine"}
+
+
+def finetune_schedule(results: List[Dict[str, Any]]) -> str:
+    """The fine-tuning schedule of the results' one-epoch numbers; a mix is refused.
+
+    (A constant-rate result records no schedule, so the generic comparability check cannot see a mix.)
+    """
+    found = {((r.get("provenance") or {}).get("finetune") or {}).get("config", {}).get("schedule", "step")
+             for r in results if r.get("finetuned_acc") is not None}
+    if len(found) > 1:
+        raise SystemExit(f"error: these runs fine-tuned with different schedules {sorted(found)}; "
+                         "summarize each protocol on its own")
+    return found.pop() if found else "step"
+
+
 def _table_order(method: str) -> tuple:
     """CoNNect rows first, by kappa (then BatchNorm treatment), then the built-ins by name."""
     from connect_tp.pipeline.methods import parse_method
@@ -202,10 +218,12 @@ def summarize(run_dirs: Sequence[str], output: str) -> str:
             bases_by_seed.setdefault(base["seed"], base)
     bases = [bases_by_seed[s] for s in sorted(bases_by_seed)]
     env = results[0].get("environment", {})
+    schedule = finetune_schedule(results)
     lines = [f"Seeds {seeds}; base accuracy {_fmt(mean_spread([b['acc'] for b in bases]))} % "
              f"(per seed: {', '.join('%.2f' % b['acc'] for b in bases)}). "
              f"torch {env.get('torch')}, torch-pruning {env.get('torch_pruning')}, {env.get('threads')} thread(s)"
-             + (f", {env['accelerator']}" if env.get("accelerator") else ", CPU") + ".", ""]
+             + (f", {env['accelerator']}" if env.get("accelerator") else ", CPU")
+             + f". Fine-tuning epoch: {SCHEDULE_WORDS.get(schedule, schedule)}.", ""]
 
     def table(title: str, targets: Sequence[float], key: str) -> None:
         lines.extend([f"**{title}** (mean ± sample std over seeds)", "",
@@ -247,11 +265,16 @@ def summarize(run_dirs: Sequence[str], output: str) -> str:
     lines.append("")
     scores = {m: rule_score(results, m) for m in methods}
     kappa = choose_kappa(results)
+    if schedule != "step":  # the rule was written for the constant-rate protocol; it does not read others
+        kappa = None
     lines.append(f"Rule score (mean fine-tuned accuracy over 8x and 16x, over the finished seeds "
                  f"{finished_seeds(results)}): " + ", ".join(
         f"{m} {v:.2f}" for m, v in sorted(scores.items(), key=lambda kv: -(kv[1] or -1)) if v is not None))
     lines.append("")
-    lines.append(f"Kappa chosen by the rule: {'not yet (grid incomplete)' if kappa is None else f'{kappa:g}'}")
+    if schedule != "step":
+        lines.append("Kappa chosen by the rule: – (the rule reads the constant-rate `ranking` protocol only)")
+    else:
+        lines.append(f"Kappa chosen by the rule: {'not yet (grid incomplete)' if kappa is None else f'{kappa:g}'}")
     markdown = "\n".join(lines) + "\n"
     os.makedirs(output, exist_ok=True)
     cifar_pruning.atomic_write(os.path.join(output, "table.md"), lambda f: f.write(markdown), binary=False)

@@ -197,3 +197,13 @@ def test_refinetune_refuses_other_snapshots_in_the_root_and_a_seed_given_twice(t
     rt.plan([str(tmp_path / "a")], ["l2"], [8.0, 16.0], str(tmp_path / "r"), [])
     with pytest.raises(SystemExit, match="other pruned models"):
         rt.plan([str(tmp_path / "b")], ["l2"], [8.0, 16.0], str(tmp_path / "r"), [])
+
+
+def test_summary_names_the_fine_tuning_schedule_and_refuses_a_mix(tmp_path):
+    cosine = {"provenance": {"finetune": {"config": {"schedule": "cosine"}}}}
+    write_run(tmp_path / "c", [result("l2", 8.0, 70.0, **cosine)])
+    text = ranking.summarize([str(tmp_path / "c")], str(tmp_path / "out"))
+    assert "decayed to 0" in text and "reads the constant-rate `ranking` protocol only" in text
+    write_run(tmp_path / "s", [result("taylor", 8.0, 60.0)])
+    with pytest.raises(SystemExit, match="different schedules"):
+        ranking.summarize([str(tmp_path / "c"), str(tmp_path / "s")], str(tmp_path / "out"))
