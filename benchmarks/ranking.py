@@ -255,13 +255,16 @@ def summarize(run_dirs: Sequence[str], output: str) -> str:
             lines.append(f"| {m} | " + " | ".join(cells) + " |")
         lines.append("")
 
-    lines.extend(["**Where each method cuts at 16x** (seed %d; per stage: residual stream / mean inner width; "
-                  "base 16/16 · 32/32 · 64/64)" % seeds[0], "", "| method | widths | lambda used |", "|---|---|---|"])
+    lines.extend(["**Where each method cuts at 16x** (per stage: residual stream / mean inner width; "
+                  "base 16/16 · 32/32 · 64/64; lambda used on seed %d)" % seeds[0], "",
+                  "| method | " + " | ".join(f"seed {s}" for s in seeds) + " | lambda used |",
+                  "|---|" + "---|" * (len(seeds) + 1)])
     for m in methods:
-        r = next((r for r in results if r["method"] == m and r["target_speed_up"] == 16.0 and r["seed"] == seeds[0]), None)
-        if r is not None:
-            lam = r.get("connect_lam")
-            lines.append(f"| {m} | {stage_widths(r)} | {'–' if lam is None else f'{lam:.3g}'} |")
+        at_16x = {r["seed"]: r for r in results if r["method"] == m and r["target_speed_up"] == 16.0}
+        if at_16x:
+            lam = (at_16x.get(seeds[0]) or {}).get("connect_lam")
+            cells = [stage_widths(at_16x[s]) if s in at_16x else "–" for s in seeds]
+            lines.append(f"| {m} | " + " | ".join(cells) + f" | {'–' if lam is None else f'{lam:.3g}'} |")
     lines.append("")
     scores = {m: rule_score(results, m) for m in methods}
     kappa = choose_kappa(results)
