@@ -199,6 +199,62 @@ def _table_order(method: str) -> tuple:
     return (0, options.get("balance", options.get("lam", math.inf)), method)
 
 
+HEADLINE_COLUMNS = (("2x, BN re-est.", 2.0, "pruned_acc_bn_recalibrated"),
+                    ("2.5x, BN re-est.", 2.5, "pruned_acc_bn_recalibrated"),
+                    ("8x, 50 steps", 8.0, "short_finetuned_acc"), ("16x, 50 steps", 16.0, "short_finetuned_acc"),
+                    ("2.5x, 1 epoch", 2.5, "finetuned_acc"),
+                    ("8x, 1 epoch", 8.0, "finetuned_acc"), ("16x, 1 epoch", 16.0, "finetuned_acc"))
+
+
+def _headline_name(method: str) -> str:
+    from connect_tp.importance import DEFAULT_BALANCE, DEFAULT_BN_FLOW
+    from connect_tp.pipeline.methods import parse_method
+
+    names = {"taylor": "Taylor (= κ=0)", "l1": "L1", "l2": "L2", "lamp": "LAMP",
+             "random": "random (Torch-Pruning)", "uniform": "uniform random"}
+    if method in names:
+        return names[method]
+    _, options = parse_method(method)
+    kappa = options.get("balance")
+    name = "CoNNect κ=" + ("∞" if kappa == math.inf else f"{kappa:g}")
+    if options.get("bn_flow"):
+        name += f', `bn_flow="{options["bn_flow"]}"`'
+    elif kappa == DEFAULT_BALANCE:
+        name += f" (default; `bn_flow=\"{DEFAULT_BN_FLOW}\"`)"
+    return name
+
+
+def headline_table(results: List[Dict[str, Any]], methods: Sequence[str], scores: Dict[str, Optional[float]]) -> str:
+    """README's results table: mean ± std over the seeds each row has, the default first, the BN rows last."""
+    from connect_tp.importance import DEFAULT_BALANCE
+
+    default = kappa_method(DEFAULT_BALANCE)
+
+    def order(m: str) -> tuple:  # the default, the grid by falling kappa down to Taylor, built-ins, BN rows
+        on_grid = m.startswith("connect") or m == "taylor"
+        return (m != default, "-bn" in m, not on_grid, -_table_order(m)[1] if m.startswith("connect") else 0, m)
+
+    columns = [c for c in HEADLINE_COLUMNS if any(r.get(c[2]) is not None and r["target_speed_up"] == c[1]
+                                                  for r in results)]
+    lines = ["| method | seeds | λ used (seed %d) | " % min(r["seed"] for r in results)
+             + " | ".join(c[0] for c in columns) + " | rule score |",
+             "|---|---|---|" + "---|" * len(columns) + "---|"]
+    for m in sorted(methods, key=order):
+        rows = [r for r in results if r["method"] == m]
+        seeds = sorted({r["seed"] for r in rows})
+        tuned = sorted({r["seed"] for r in rows if r["target_speed_up"] in RULE_TARGETS and r.get("finetuned_acc") is not None})
+        seeds_cell = ",".join(map(str, seeds)) + ("" if tuned == seeds else
+                                                  f" (fine-tuned: {','.join(map(str, tuned)) or 'none'})")
+        first = min(r["seed"] for r in rows)
+        lam = next((r.get("connect_lam") for r in rows if r["seed"] == first), None)
+        lam_cell = "–" if not m.startswith("connect") else ("∞" if lam in (None, math.inf) else f"{lam:.3g}")
+        cells = [_fmt(mean_spread([r.get(key) for r in rows if r["target_speed_up"] == t])) for _, t, key in columns]
+        score = scores.get(m)
+        lines.append(f"| {_headline_name(m)} | {seeds_cell} | {lam_cell} | " + " | ".join(cells)
+                     + f" | {'–' if score is None else f'{score:.1f}'} |")
+    return "\n".join(lines) + "\n"
+
+
 def summarize(run_dirs: Sequence[str], output: str) -> str:
     results = read_results(run_dirs)
     seen = {}
@@ -280,6 +336,8 @@ def summarize(run_dirs: Sequence[str], output: str) -> str:
         lines.append(f"Kappa chosen by the rule: {'not yet (grid incomplete)' if kappa is None else f'{kappa:g}'}")
     markdown = "\n".join(lines) + "\n"
     os.makedirs(output, exist_ok=True)
+    cifar_pruning.atomic_write(os.path.join(output, "headline.md"),
+                               lambda f: f.write(headline_table(results, methods, scores)), binary=False)
     cifar_pruning.atomic_write(os.path.join(output, "table.md"), lambda f: f.write(markdown), binary=False)
     cifar_pruning.atomic_write_json({"seeds": seeds, "rule_scores": scores, "chosen_kappa": kappa,
                                      "results": results, "bases": bases}, os.path.join(output, "summary.json"))

@@ -151,8 +151,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", required=True)
     parser.add_argument("--preset", default="ranking")
     parser.add_argument("--methods", nargs="+", help="default: phase 1, then the BatchNorm treatments at --bn-kappa")
-    parser.add_argument("--bn-kappa", type=float, default=math.inf,
-                        help="kappa of the BatchNorm-treatment rows (default inf, the CPU seed-0 rule's pick)")
+    parser.add_argument("--bn-kappa", type=float, default=100.0,
+                        help="kappa of the BatchNorm-treatment rows (default 100, the rule's pick on CPU seeds 0-2)")
     parser.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 2))
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--data-dir", default="data")

@@ -1,6 +1,7 @@
 """Run-folder building blocks, without training: atomic files, umask, locks, fingerprints, merged result updates."""
 import errno
 import json
+import math
 import os
 
 import pytest
@@ -69,6 +70,24 @@ def test_prune_fingerprint_ignores_the_other_targets_and_the_lambda_of_other_met
     b = resolve_config("smoke", 0, speed_ups=[2.5, 8.0])
     assert prune_config(a, "l2", 2.5) == prune_config(b, "l2", 2.5)
     assert prune_config(a, "connect", 2.5) != prune_config(b, "connect", 2.5)
+
+
+def test_prune_fingerprint_records_the_defaults_a_connect_name_leaves_open(monkeypatch):
+    from connect_tp import importance
+
+    cfg = resolve_config("smoke", 0)
+    # Plain `connect` is the default balance: a folder pruned under another default is not reused.
+    assert prune_config(cfg, "connect", 2.5)["connect_balance"] == importance.DEFAULT_BALANCE
+    monkeypatch.setattr(importance, "DEFAULT_BALANCE", math.inf)
+    assert prune_config(cfg, "connect", 2.5)["connect_balance"] == "inf"
+    assert "connect_balance" not in prune_config(cfg, "connect-k3", 2.5)  # the name gives it
+    assert "connect_balance" not in prune_config(resolve_config("smoke", 0, connect_lam=2.0), "connect", 2.5)
+    # The BatchNorm treatment: recorded only when the default is not "stats", so older files stay valid.
+    assert "connect_bn_flow" not in prune_config(cfg, "connect-k3", 2.5)
+    monkeypatch.setattr(importance, "DEFAULT_BN_FLOW", "gamma")
+    assert prune_config(cfg, "connect-k3", 2.5)["connect_bn_flow"] == "gamma"
+    assert "connect_bn_flow" not in prune_config(cfg, "connect-k3-bnstats", 2.5)
+    assert "connect_bn_flow" not in prune_config(cfg, "l2", 2.5)
 
 
 # ------------------------------------------------------------------------------------------------ fingerprints

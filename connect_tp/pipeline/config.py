@@ -189,9 +189,32 @@ def prune_config(cfg: Dict[str, Any], method: str, target: float) -> Dict[str, A
     The other targets of the same trajectory do not matter: the schedule does not depend on them.
     """
     lam = cfg["connect_lam"] if method == "connect" else None  # the override applies to plain connect only
-    return dict({k: cfg[k] for k in _DATA}, method=method, target_speed_up=float(target),
-                iterative_steps=cfg["iterative_steps"], calibration_samples=cfg["calibration_samples"],
-                max_pruning_ratio=cfg["max_pruning_ratio"], connect_lam=lam)
+    out = dict({k: cfg[k] for k in _DATA}, method=method, target_speed_up=float(target),
+               iterative_steps=cfg["iterative_steps"], calibration_samples=cfg["calibration_samples"],
+               max_pruning_ratio=cfg["max_pruning_ratio"], connect_lam=lam)
+    out.update(_connect_defaults(method, lam))
+    return out
+
+
+def _connect_defaults(method: str, lam: Optional[float]) -> Dict[str, Any]:
+    """The library defaults a CoNNect method name leaves open, so that a changed default is a changed config.
+
+    ``connect`` (no ``lam``) records the default balance; a name without ``-bn...`` records the
+    default BatchNorm treatment when it is not ``"stats"`` (the only one there has been, so the
+    files written before stay valid). The balance is recorded since the default moved from ``inf``
+    to 100: a folder pruned with the old default is refused (``--force`` redoes it), not reused.
+    """
+    criterion, options = parse_method(method)
+    if criterion != "connect":
+        return {}
+    from ..importance import DEFAULT_BALANCE, DEFAULT_BN_FLOW  # imported on use: config stays torch-free
+
+    out: Dict[str, Any] = {}
+    if lam is None and "balance" not in options and "lam" not in options:
+        out["connect_balance"] = "inf" if DEFAULT_BALANCE == math.inf else DEFAULT_BALANCE
+    if "bn_flow" not in options and DEFAULT_BN_FLOW != "stats":
+        out["connect_bn_flow"] = DEFAULT_BN_FLOW
+    return out
 
 
 def finetune_config(cfg: Dict[str, Any]) -> Dict[str, Any]:
