@@ -298,8 +298,11 @@ def summarize(run_dirs: Sequence[str], output: str) -> str:
     table("Accuracy after a short fine-tuning budget (50 steps)", (2.5, 8.0, 16.0), "short_finetuned_acc")
     table("Accuracy after one fine-tuning epoch on all 60k", (2.5, 8.0, 16.0), "finetuned_acc")
 
-    for ref in ("l2", "taylor"):
-        lines.extend([f"**Paired difference against {ref}** (per seed, then mean ± std; fine-tuned / BN-recal.)",
+    from connect_tp.importance import DEFAULT_BALANCE
+
+    default = kappa_method(DEFAULT_BALANCE)
+    for ref in ("l2", "taylor") + ((default,) if default in methods else ()):
+        lines.extend([f"**Paired difference against {ref}{' (the default)' if ref == default else ''}** (per seed, then mean ± std; fine-tuned / BN-recal.)",
                       "", "| method | 2x BN-recal. | 8x fine-tuned | 16x fine-tuned | 16x short FT |", "|---|---|---|---|---|"])
         for m in methods:
             if m == ref:
