@@ -410,7 +410,10 @@ class ConnectImportance(tp.importance.TaylorImportance):
         if lam is not None and not (_is_number(lam) and 0 <= lam <= MAX_LAMBDA):
             raise ValueError(f"lam must be a number in [0, {MAX_LAMBDA:g}], got {lam!r}; for the "
                              "connectivity term alone use balance=math.inf")
-        if balance is None and lam is None:
+        #: Whether the strength is the library default (neither ``lam`` nor ``balance`` given): a
+        #: caller that knows the model family can say that the default was chosen on CNNs.
+        self.default_strength = balance is None and lam is None
+        if self.default_strength:
             balance = DEFAULT_BALANCE
         if balance is not None and not (_is_number(balance) and balance >= 0):
             raise ValueError(f"balance must be a number >= 0 (math.inf allowed), got {balance!r}")

@@ -56,6 +56,7 @@ import math
 import os
 import re
 import resource
+import warnings
 from dataclasses import asdict, dataclass
 from typing import Any, Dict, Iterable, List, Optional, Sequence
 
@@ -415,6 +416,13 @@ class LLMBlockPruner:
         bad = [i for i in self.layers if not 0 <= i < n_layers]
         if bad:
             raise ValueError(f"layer indices {bad} out of range for a model with {n_layers} layers")
+        if getattr(importance, "default_strength", False):
+            # The default balance was picked on CNNs; the tiny-LLaMA grid puts kappa >= 30 about 3
+            # perplexity worse than kappa <= 10 at 40 % pruning (docs/llm.md, "The kappa grid").
+            warnings.warn(
+                f"ConnectImportance() uses the default balance={importance.balance:g}, chosen on CNNs; on "
+                "language models kappa <= 10 measured better (docs/llm.md). Pass ConnectImportance(balance=1) "
+                "(or lam= for the paper's absolute form) to choose it yourself.", UserWarning, stacklevel=2)
         self.model = model
         self.importance = importance
         self.pruning_ratio = pruning_ratio

@@ -219,3 +219,16 @@ def test_streamed_step_names_a_frozen_layer_it_must_score():
     with pytest.raises(ValueError, match=r"decoder layers \[1\] have no parameter"):
         pruner.step(calibration=llm.calibration_batches(text_ids(), n_samples=2, seq_len=16))
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_block_pruner_says_when_connect_uses_the_cnn_default_strength():
+    model = tiny_llama(layers=2)
+    with pytest.warns(UserWarning, match="chosen on CNNs"):
+        llm.LLMBlockPruner(model, ConnectImportance(), 0.25, layers=[1])
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a strength the user chose: no warning
+        llm.LLMBlockPruner(model, ConnectImportance(balance=1.0), 0.25, layers=[1])
+        llm.LLMBlockPruner(model, ConnectImportance(lam=1e5), 0.25, layers=[1])
+        llm.LLMBlockPruner(model, tp.importance.GroupTaylorImportance(), 0.25, layers=[1])
