@@ -84,6 +84,45 @@ def timed_step(name: str, n_samples: int, device: str) -> tuple:
     return step, time.perf_counter() - start
 
 
+def plain_torch_floor(n_samples: int, device: str, repeats: int) -> dict:
+    """Seconds of the tensor work CoNNect's step cannot avoid, in plain torch (no engine, no checks).
+
+    With the mean-input shortcut a step needs (a) one forward of the ``n_samples`` random inputs
+    without gradients (the affine check) and (b) one forward and backward of their mean, both with
+    ``|W|``. Here they run as ``torch.func.functional_call`` on ResNet-56 with ``|W|``: no scaled
+    values, no per-node rules, no overflow guard. Taylor's step plus (a) and (b) is the time a
+    zero-overhead implementation of the same estimator would take, so ``floor / taylor`` bounds the
+    step ratio from below for this design on this machine.
+    """
+    torch.manual_seed(0)
+    model = resnet56(num_classes=10).to(device).eval()
+    leaves = {n: p.detach().clone().requires_grad_(True) for n, p in model.named_parameters()}
+    samples = torch.rand(n_samples, 3, 32, 32, device=device)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+
+    def check() -> None:
+        with torch.no_grad():
+            torch.func.functional_call(model, {n: v.abs() for n, v in leaves.items()}, (samples,))
+
+    def gradient() -> None:
+        out = torch.func.functional_call(model, {n: v.abs() for n, v in leaves.items()},
+                                         (samples.mean(0, keepdim=True),))
+        out.sum().backward()
+
+    out = {}
+    for name, fn in (("check_forward", check), ("mean_forward_backward", gradient)):
+        fn()  # warm-up
+        times = []
+        for _ in range(repeats):
+            sync()
+            start = time.perf_counter()
+            fn()
+            sync()
+            times.append(time.perf_counter() - start)
+        out[name] = statistics.median(times)
+    return out
+
+
 def peak_step_memory(name: str, n_samples: int, device: str) -> int:
     """Bytes of peak tensor memory the step adds (call it in a fresh process)."""
     pruner, _ = prepared_pruner(name, n_samples, device)
@@ -153,6 +192,7 @@ def main(argv=None) -> dict:
             iterations[name].append(iteration)
     medians = {name: statistics.median(t) for name, t in times.items()}
     iteration_medians = {name: statistics.median(t) for name, t in iterations.items()}
+    floor = plain_torch_floor(args.n_samples, args.device, args.repeats)
     memory = {name: memory_in_subprocess(name, args.n_samples, args.device) for name in times}
     param_bytes = sum(p.numel() * p.element_size() for p in resnet56(num_classes=10).parameters())
     result = {
@@ -164,12 +204,17 @@ def main(argv=None) -> dict:
         "param_bytes": param_bytes,
         "extra_memory_over_param_bytes": (memory["connect"] - memory["taylor"]) / param_bytes,
         "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "plain_torch_floor_s": floor,
+        "floor_time_ratio": (medians["taylor"] + sum(floor.values())) / medians["taylor"],
     }
     print(f"ResNet-56 pruner.step() on {args.device}, median of {args.repeats}, n_samples={args.n_samples}, "
           f"chunk_size={args.chunk_size}")
     for name in times:
         print(f"  {name:8s} {medians[name] * 1e3:8.1f} ms   peak step memory {memory[name] / 2**20:7.1f} MiB")
     print(f"  time ratio connect / taylor = {result['time_ratio']:.3f}  (target <= 3)")
+    print(f"  floor: plain-torch check forward {floor['check_forward'] * 1e3:.1f} ms + mean-input forward and "
+          f"backward {floor['mean_forward_backward'] * 1e3:.1f} ms; (taylor + floor) / taylor = "
+          f"{result['floor_time_ratio']:.3f}, the least this estimator can cost")
     print(f"  peak extra memory {(memory['connect'] - memory['taylor']) / 2**20:.1f} MiB = "
           f"{result['extra_memory_over_param_bytes']:.2f}x the parameter bytes ({param_bytes / 2**20:.1f} MiB; target <= 2)")
     print(f"  whole iteration (backward on {CALIBRATION} calibration images + step): "
