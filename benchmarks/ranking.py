@@ -206,8 +206,15 @@ HEADLINE_COLUMNS = (("2x, BN re-est.", 2.0, "pruned_acc_bn_recalibrated"),
                     ("8x, 1 epoch", 8.0, "finetuned_acc"), ("16x, 1 epoch", 16.0, "finetuned_acc"))
 
 
-def _headline_name(method: str) -> str:
+def default_method() -> str:
+    """The method name of ``ConnectImportance()``'s defaults (kappa and BatchNorm treatment)."""
     from connect_tp.importance import DEFAULT_BALANCE, DEFAULT_BN_FLOW
+    from connect_tp.pipeline.methods import NAMED_BN_FLOW
+
+    return kappa_method(DEFAULT_BALANCE, None if DEFAULT_BN_FLOW == NAMED_BN_FLOW else DEFAULT_BN_FLOW)
+
+
+def _headline_name(method: str) -> str:
     from connect_tp.pipeline.methods import parse_method
 
     names = {"taylor": "Taylor (= κ=0)", "l1": "L1", "l2": "L2", "lamp": "LAMP",
@@ -219,20 +226,19 @@ def _headline_name(method: str) -> str:
     name = "CoNNect κ=" + ("∞" if kappa == math.inf else f"{kappa:g}")
     if options.get("bn_flow"):
         name += f', `bn_flow="{options["bn_flow"]}"`'
-    elif kappa == DEFAULT_BALANCE:
-        name += f" (default; `bn_flow=\"{DEFAULT_BN_FLOW}\"`)"
-    return name
+    return name + (" (**default**)" if method == default_method() else "")
 
 
 def headline_table(results: List[Dict[str, Any]], methods: Sequence[str], scores: Dict[str, Optional[float]]) -> str:
-    """README's results table: mean ± std over the seeds each row has, the default first, the BN rows last."""
-    from connect_tp.importance import DEFAULT_BALANCE
+    """README's results table: mean ± std over the seeds each row has, the default first, the BN rows last.
 
-    default = kappa_method(DEFAULT_BALANCE)
+    Rows without a ``bn_flow`` use ``"stats"`` (what a name without ``-bn`` means, phase 1)."""
+    default = default_method()
 
-    def order(m: str) -> tuple:  # the default, the grid by falling kappa down to Taylor, built-ins, BN rows
+    def order(m: str) -> tuple:  # the default, the grid by falling kappa down to Taylor, built-ins, other BN rows
         on_grid = m.startswith("connect") or m == "taylor"
-        return (m != default, "-bn" in m, not on_grid, -_table_order(m)[1] if m.startswith("connect") else 0, m)
+        return (m != default, m != default and "-bn" in m, not on_grid,
+                -_table_order(m)[1] if m.startswith("connect") else 0, m)
 
     columns = [c for c in HEADLINE_COLUMNS if any(r.get(c[2]) is not None and r["target_speed_up"] == c[1]
                                                   for r in results)]
@@ -298,9 +304,7 @@ def summarize(run_dirs: Sequence[str], output: str) -> str:
     table("Accuracy after a short fine-tuning budget (50 steps)", (2.5, 8.0, 16.0), "short_finetuned_acc")
     table("Accuracy after one fine-tuning epoch on all 60k", (2.5, 8.0, 16.0), "finetuned_acc")
 
-    from connect_tp.importance import DEFAULT_BALANCE
-
-    default = kappa_method(DEFAULT_BALANCE)
+    default = default_method()
     for ref in ("l2", "taylor") + ((default,) if default in methods else ()):
         lines.extend([f"**Paired difference against {ref}{' (the default)' if ref == default else ''}** (per seed, then mean ± std; fine-tuned / BN-recal.)",
                       "", "| method | 2x BN-recal. | 8x fine-tuned | 16x fine-tuned | 16x short FT |", "|---|---|---|---|---|"])

@@ -46,10 +46,10 @@ import torch_pruning as tp
 from tqdm.auto import tqdm
 
 # Method names are parsed without torch (the command line checks them before importing it).
-from .pipeline.methods import GRADIENT_METHODS, PRUNING_METHODS, parse_method
+from .pipeline.methods import GRADIENT_METHODS, PRUNING_METHODS, connect_options, parse_method
 
 __all__ = [
-    "PRUNING_METHODS", "GRADIENT_METHODS", "UniformRandomImportance", "parse_method",
+    "PRUNING_METHODS", "GRADIENT_METHODS", "UniformRandomImportance", "parse_method", "connect_options",
     "build_importance", "count_macs_and_params",
     "classifier_layers", "calibration_gradients", "PruneSnapshot", "UnreachableSpeedUp", "progressive_prune",
     "layer_channels", "signal_flow", "layer_report", "calibration_batches", "recalibrate_batchnorm",
@@ -87,10 +87,11 @@ def build_importance(method: str, example_inputs: Optional[torch.Tensor] = None,
     Example:
         >>> imp = build_importance("connect-k3-bngamma")
     """
-    name, options = parse_method(method)
+    name, _ = parse_method(method)
     if name == "connect":
         from .importance import ConnectImportance  # imported here: the module is optional for other methods
 
+        options = connect_options(method)  # a name with options fixes them all (bn_flow included)
         if connect_lam is not None and not options:
             options["lam"] = connect_lam
         return ConnectImportance(example_inputs=example_inputs, **options)

@@ -234,7 +234,7 @@ def test_data_free_does_not_stick_once_gradients_appear():
 def test_edits_through_data_and_bn_reestimation_refresh_the_connectivity():
     model = trained_like_resnet()
     loss_backward(model)
-    imp = ConnectImportance(lam=1.0, example_inputs=torch.rand(1, 3, 32, 32))
+    imp = ConnectImportance(lam=1.0, bn_flow="stats", example_inputs=torch.rand(1, 3, 32, 32))  # statistics enter phi
     all_scores(model, imp)
     assert imp.connectivity_evaluations == 1
     all_scores(model, imp)  # nothing changed: cached

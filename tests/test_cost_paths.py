@@ -212,7 +212,7 @@ def test_kinked_samples_are_each_differentiated(monkeypatch):
     model = _relu_net_with_a_kink_between_samples()
     x = torch.tensor([[0.1, 0.1], [0.9, 0.9], [0.5, 0.2]])
     monkeypatch.setattr(importance_module, "connectivity_inputs", lambda model_, inputs, n, generator=None: x[:n].clone())
-    imp = ConnectImportance(n_samples=3, example_inputs=torch.zeros(1, 2))
+    imp = ConnectImportance(n_samples=3, bn_flow="stats", example_inputs=torch.zeros(1, 2))  # the kink is a running mean
     params = dict(model.named_parameters())
     leaves = {n: p.detach().clone().requires_grad_(True) for n, p in params.items()}
     with torch.enable_grad():
@@ -237,7 +237,7 @@ def _shortcut_against_every_sample(model, x, monkeypatch):
         with monkeypatch.context() as m:
             if not shortcut:
                 m.setattr(engine, "affine_on_samples", lambda *args, **kwargs: False)
-            imp = ConnectImportance(n_samples=x.shape[0], example_inputs=x[:1])
+            imp = ConnectImportance(n_samples=x.shape[0], bn_flow="stats", example_inputs=x[:1])  # kinks from running means
             leaves = {n: p.detach().clone().requires_grad_(True) for n, p in model.named_parameters()}
             with torch.enable_grad():
                 log_phi, grads = imp._traced_gradients(model, x, leaves, {})

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 import torch_pruning as tp
 
 from connect_tp import ConnectImportance
+from connect_tp.importance import DEFAULT_BN_FLOW
 from connect_tp.connectivity import log_connectivity
 
 SHAPE = (3, 8, 8)
@@ -85,7 +86,7 @@ def oracle_log_phi(p, buffers, x, bn_flow):
     return torch.log(out.sum(1).mean())
 
 
-def oracle_dlogphi(model, n_samples=4, seed=0, bn_flow="stats"):
+def oracle_dlogphi(model, n_samples=4, seed=0, bn_flow=DEFAULT_BN_FLOW):
     """``d log phi / dW`` for every parameter, in float64, by autograd through the oracle pass."""
     leaves = {n: p.detach().double().requires_grad_(True) for n, p in model.named_parameters()}
     buffers = {n: b.detach().double() for n, b in model.named_buffers()}

@@ -210,12 +210,10 @@ def test_summary_names_the_fine_tuning_schedule_and_refuses_a_mix(tmp_path):
 
 
 def test_headline_table_puts_the_default_first_the_grid_down_to_taylor_and_names_partial_seeds(tmp_path):
-    from connect_tp.importance import DEFAULT_BALANCE
-
-    default = ranking.kappa_method(DEFAULT_BALANCE)
+    default = ranking.default_method()
     rows = []
     for seed in (0, 1):
-        for m in ("l2", "taylor", "connect-kinf", default, "connect-k1", "connect-kinf-bngamma"):
+        for m in ("l2", "taylor", "connect-kinf", default, "connect-k1", "connect-kinf-bnidentity"):
             rows += [result(m, t, 70.0 + seed, seed) for t in (8.0, 16.0)]
     rows.append(result("lamp", 8.0, 60.0, 0, finetuned_acc=None))  # pruned only, no fine-tuning
     write_run(tmp_path / "s0", [r for r in rows if r["seed"] == 0], seed=0)
@@ -223,8 +221,8 @@ def test_headline_table_puts_the_default_first_the_grid_down_to_taylor_and_names
     ranking.summarize([str(tmp_path / "s0"), str(tmp_path / "s1")], str(tmp_path / "out"))
     table = (tmp_path / "out" / "headline.md").read_text().splitlines()
     names = [line.split(" | ")[0][2:] for line in table[2:]]
-    assert names[0].startswith("CoNNect κ=%g (default" % DEFAULT_BALANCE)
+    assert names[0].startswith("CoNNect κ=") and names[0].endswith("(**default**)")
     assert names[1:] == ["CoNNect κ=∞", "CoNNect κ=1", "Taylor (= κ=0)", "L2", "LAMP",
-                         'CoNNect κ=∞, `bn_flow="gamma"`']
+                         'CoNNect κ=∞, `bn_flow="identity"`']
     assert "| 70.5 ± 0.7 |" in table[2]  # mean ± std over the two seeds
     assert "| 0 (fine-tuned: none) |" in next(line for line in table if line.startswith("| LAMP"))

@@ -72,22 +72,29 @@ def test_prune_fingerprint_ignores_the_other_targets_and_the_lambda_of_other_met
     assert prune_config(a, "connect", 2.5) != prune_config(b, "connect", 2.5)
 
 
-def test_prune_fingerprint_records_the_defaults_a_connect_name_leaves_open(monkeypatch):
+def test_plain_connect_records_the_library_defaults_and_a_named_connect_never_changes_meaning(monkeypatch):
     from connect_tp import importance
+    from connect_tp.pruning import build_importance
 
     cfg = resolve_config("smoke", 0)
-    # Plain `connect` is the default balance: a folder pruned under another default is not reused.
-    assert prune_config(cfg, "connect", 2.5)["connect_balance"] == importance.DEFAULT_BALANCE
+    # Plain `connect` is the library defaults: a folder pruned under other defaults is not reused.
+    imp = build_importance("connect")
+    assert (imp.balance, imp.bn_flow) == (importance.DEFAULT_BALANCE, importance.DEFAULT_BN_FLOW)
+    plain = prune_config(cfg, "connect", 2.5)
+    assert (plain["connect_balance"], plain["connect_bn_flow"]) == (importance.DEFAULT_BALANCE,
+                                                                    importance.DEFAULT_BN_FLOW)
     monkeypatch.setattr(importance, "DEFAULT_BALANCE", math.inf)
-    assert prune_config(cfg, "connect", 2.5)["connect_balance"] == "inf"
-    assert "connect_balance" not in prune_config(cfg, "connect-k3", 2.5)  # the name gives it
-    assert "connect_balance" not in prune_config(resolve_config("smoke", 0, connect_lam=2.0), "connect", 2.5)
-    # The BatchNorm treatment: recorded only when the default is not "stats", so older files stay valid.
-    assert "connect_bn_flow" not in prune_config(cfg, "connect-k3", 2.5)
-    monkeypatch.setattr(importance, "DEFAULT_BN_FLOW", "gamma")
-    assert prune_config(cfg, "connect-k3", 2.5)["connect_bn_flow"] == "gamma"
-    assert "connect_bn_flow" not in prune_config(cfg, "connect-k3-bnstats", 2.5)
-    assert "connect_bn_flow" not in prune_config(cfg, "l2", 2.5)
+    monkeypatch.setattr(importance, "DEFAULT_BN_FLOW", "identity")
+    moved = prune_config(cfg, "connect", 2.5)
+    assert (moved["connect_balance"], moved["connect_bn_flow"]) == ("inf", "identity")
+    with_lam = prune_config(resolve_config("smoke", 0, connect_lam=2.0), "connect", 2.5)
+    assert "connect_balance" not in with_lam and with_lam["connect_lam"] == 2.0
+    # A name with options fixes them all: BatchNorm "stats" unless it says -bn<flow>, whatever the default.
+    for name in ("connect-k3", "connect-kinf", "connect-lam5", "connect-k3-bngamma", "l2"):
+        assert not {"connect_balance", "connect_bn_flow"} & set(prune_config(cfg, name, 2.5))
+    assert build_importance("connect-k3").bn_flow == "stats"
+    assert build_importance("connect-lam5").bn_flow == "stats"
+    assert build_importance("connect-k3-bngamma").bn_flow == "gamma"
 
 
 # ------------------------------------------------------------------------------------------------ fingerprints

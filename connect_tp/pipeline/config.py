@@ -197,23 +197,22 @@ def prune_config(cfg: Dict[str, Any], method: str, target: float) -> Dict[str, A
 
 
 def _connect_defaults(method: str, lam: Optional[float]) -> Dict[str, Any]:
-    """The library defaults a CoNNect method name leaves open, so that a changed default is a changed config.
+    """The library defaults plain ``connect`` stands for, so that a changed default is a changed config.
 
-    ``connect`` (no ``lam``) records the default balance; a name without ``-bn...`` records the
-    default BatchNorm treatment when it is not ``"stats"`` (the only one there has been, so the
-    files written before stay valid). The balance is recorded since the default moved from ``inf``
-    to 100: a folder pruned with the old default is refused (``--force`` redoes it), not reused.
+    A name with options fixes them all (:func:`connect_tp.pipeline.methods.connect_options`) and
+    needs nothing here. Plain ``connect`` records the default balance (without ``--connect-lam``)
+    and the default BatchNorm treatment: both moved in stop 15 (balance inf -> 100, BatchNorm
+    "stats" -> "gamma"), and a folder pruned under the old defaults is refused (``--force`` redoes
+    it), not reused.
     """
     criterion, options = parse_method(method)
-    if criterion != "connect":
+    if criterion != "connect" or options:
         return {}
     from ..importance import DEFAULT_BALANCE, DEFAULT_BN_FLOW  # imported on use: config stays torch-free
 
-    out: Dict[str, Any] = {}
-    if lam is None and "balance" not in options and "lam" not in options:
+    out: Dict[str, Any] = {"connect_bn_flow": DEFAULT_BN_FLOW}
+    if lam is None:
         out["connect_balance"] = "inf" if DEFAULT_BALANCE == math.inf else DEFAULT_BALANCE
-    if "bn_flow" not in options and DEFAULT_BN_FLOW != "stats":
-        out["connect_bn_flow"] = DEFAULT_BN_FLOW
     return out
 
 

@@ -7,6 +7,11 @@ importance object and re-exports these functions.
 ``connect`` takes options in its name: ``connect-k<kappa>`` (balance, ``inf`` allowed),
 ``connect-lam<lambda>`` (the absolute form) and ``-bn<stats|gamma|identity>``, e.g.
 ``connect-k3-bngamma``. Other methods take none.
+
+A name with options means the same criterion whatever the library's defaults: without ``-bn`` it
+is ``bn_flow="stats"``, the treatment every such name meant when the ranking benchmark's results
+were made (:func:`connect_options`). Plain ``connect`` is ``ConnectImportance()``, the library
+defaults of the day, and the pipeline records them in the run's fingerprints.
 """
 from __future__ import annotations
 
@@ -14,7 +19,7 @@ import math
 import re
 from typing import Any, Dict, Tuple
 
-__all__ = ["PRUNING_METHODS", "GRADIENT_METHODS", "parse_method"]
+__all__ = ["PRUNING_METHODS", "GRADIENT_METHODS", "parse_method", "connect_options"]
 
 PRUNING_METHODS = ("connect", "taylor", "l1", "l2", "lamp", "random", "uniform")
 """Importance criteria known to :func:`connect_tp.pruning.build_importance` (``connect`` also takes options)."""
@@ -53,3 +58,28 @@ def parse_method(method: str) -> Tuple[str, Dict[str, Any]]:
     if match["bn_flow"] is not None:
         options["bn_flow"] = match["bn_flow"]
     return "connect", options
+
+
+NAMED_BN_FLOW = "stats"
+"""BatchNorm treatment of a ``connect-k<kappa>`` / ``connect-lam<lambda>`` name without ``-bn``."""
+
+
+def connect_options(method: str) -> Dict[str, Any]:
+    """The :class:`~connect_tp.importance.ConnectImportance` arguments a ``connect`` name fixes.
+
+    Plain ``connect`` fixes none (the library defaults apply). A name with a strength fixes the
+    BatchNorm treatment too: :data:`NAMED_BN_FLOW` unless it says ``-bn<flow>``, so that a name
+    never changes meaning when a default does.
+
+    Example:
+        >>> connect_options("connect-k100")
+        {'balance': 100.0, 'bn_flow': 'stats'}
+        >>> connect_options("connect")
+        {}
+    """
+    name, options = parse_method(method)
+    if name != "connect":
+        raise ValueError(f"{method!r} is not a connect method")
+    if options and "bn_flow" not in options:
+        options["bn_flow"] = NAMED_BN_FLOW
+    return options
