@@ -92,6 +92,8 @@ def test_plain_connect_records_the_library_defaults_and_a_named_connect_never_ch
     # A name with options fixes them all: BatchNorm "stats" unless it says -bn<flow>, whatever the default.
     for name in ("connect-k3", "connect-kinf", "connect-lam5", "connect-k3-bngamma", "l2"):
         assert not {"connect_balance", "connect_bn_flow"} & set(prune_config(cfg, name, 2.5))
+    bn_only = prune_config(cfg, "connect-bngamma", 2.5)  # the treatment is named, the balance is the default's
+    assert bn_only["connect_balance"] == "inf" and "connect_bn_flow" not in bn_only
     assert build_importance("connect-k3").bn_flow == "stats"
     assert build_importance("connect-lam5").bn_flow == "stats"
     assert build_importance("connect-k3-bngamma").bn_flow == "gamma"

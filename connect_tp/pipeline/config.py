@@ -197,21 +197,24 @@ def prune_config(cfg: Dict[str, Any], method: str, target: float) -> Dict[str, A
 
 
 def _connect_defaults(method: str, lam: Optional[float]) -> Dict[str, Any]:
-    """The library defaults plain ``connect`` stands for, so that a changed default is a changed config.
+    """The library defaults a ``connect`` name leaves open, so that a changed default is a changed config.
 
-    A name with options fixes them all (:func:`connect_tp.pipeline.methods.connect_options`) and
-    needs nothing here. Plain ``connect`` records the default balance (without ``--connect-lam``)
-    and the default BatchNorm treatment: both moved in stop 15 (balance inf -> 100, BatchNorm
-    "stats" -> "gamma"), and a folder pruned under the old defaults is refused (``--force`` redoes
-    it), not reused.
+    A name with a strength fixes its BatchNorm treatment too
+    (:func:`connect_tp.pipeline.methods.connect_options`), so only plain ``connect`` records the
+    default treatment; a name without a strength (plain, or ``connect-bn<flow>``) and without
+    ``--connect-lam`` records the default balance. Both defaults moved in stop 15 (balance inf ->
+    100, BatchNorm "stats" -> "gamma"): a folder pruned under the old ones is refused (``--force``
+    redoes it), not reused.
     """
     criterion, options = parse_method(method)
-    if criterion != "connect" or options:
+    if criterion != "connect":
         return {}
     from ..importance import DEFAULT_BALANCE, DEFAULT_BN_FLOW  # imported on use: config stays torch-free
 
-    out: Dict[str, Any] = {"connect_bn_flow": DEFAULT_BN_FLOW}
-    if lam is None:
+    out: Dict[str, Any] = {}
+    if not options:
+        out["connect_bn_flow"] = DEFAULT_BN_FLOW
+    if lam is None and "balance" not in options and "lam" not in options:
         out["connect_balance"] = "inf" if DEFAULT_BALANCE == math.inf else DEFAULT_BALANCE
     return out
 
