@@ -330,9 +330,8 @@ def summarize(run_dirs: Sequence[str], output: str) -> str:
             lines.append(f"| {m} | " + " | ".join(cells) + f" | {'–' if lam is None else f'{lam:.3g}'} |")
     lines.append("")
     scores = {m: rule_score(results, m) for m in methods}
-    kappa = choose_kappa(results)
-    if schedule != "step":  # the rule was written for the constant-rate protocol; it does not read others
-        kappa = None
+    # The rule was written for the constant-rate protocol; it does not read others.
+    kappa = choose_kappa(results) if schedule == "step" else None
     lines.append(f"Rule score (mean fine-tuned accuracy over 8x and 16x, over the finished seeds "
                  f"{finished_seeds(results)}): " + ", ".join(
         f"{m} {v:.2f}" for m, v in sorted(scores.items(), key=lambda kv: -(kv[1] or -1)) if v is not None))

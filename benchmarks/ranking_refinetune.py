@@ -23,7 +23,6 @@ always, and records the schedule in the results, so ``--summarize`` never mixes 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import sys
@@ -31,7 +30,7 @@ import time
 from typing import List, Optional, Sequence, Tuple
 
 from benchmarks.ranking_parallel import Pool, _cli, drain
-from connect_tp.pipeline.files import sha256_file
+from connect_tp.pipeline.files import read_json, sha256_file
 from connect_tp.pipeline.rundir import RunFolder, tag
 
 
@@ -43,8 +42,7 @@ def _snapshots(source: str, method: str, targets: Sequence[float]) -> Optional[i
         path = run.result(method, t)
         if not (os.path.isfile(path) and os.path.isfile(run.pruned(method, t))):
             return None
-        with open(path) as f:
-            seeds.add(json.load(f)["seed"])
+        seeds.add(read_json(path)["seed"])
     if len(seeds) != 1:
         raise SystemExit(f"error: {source}'s results for {method} name several seeds {sorted(seeds)}")
     return seeds.pop()
