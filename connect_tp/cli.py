@@ -166,6 +166,9 @@ def _add_prune_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--connect-lam", type=_lam, default=None, help="CoNNect lambda for plain `connect` "
                                                                   "(default: the library default)")
     g.add_argument("--max-pruning-ratio", type=_ratio, default=1.0, help="most a layer may lose (default 1.0)")
+    g.add_argument("--bn-refresh-every", type=_int_at_least(0), default=None, metavar="N",
+                   help="re-estimate BatchNorm statistics on the calibration images before every N-th "
+                        "pruning step (default: the preset's, 0: never)")
 
 
 def _add_finetune_options(p: argparse.ArgumentParser) -> None:
@@ -213,7 +216,8 @@ def _config(args: argparse.Namespace):
         ft_epochs=getattr(args, "ft_epochs", None), iterative_steps=getattr(args, "iterative_steps", None),
         calibration_samples=getattr(args, "calibration_samples", None),
         short_ft_steps=getattr(args, "short_ft_steps", None), connect_lam=getattr(args, "connect_lam", None),
-        max_pruning_ratio=getattr(args, "max_pruning_ratio", 1.0), ft_schedule=getattr(args, "ft_schedule", None))
+        max_pruning_ratio=getattr(args, "max_pruning_ratio", 1.0), ft_schedule=getattr(args, "ft_schedule", None),
+        bn_refresh_every=getattr(args, "bn_refresh_every", None))
 
 
 def _command_line(argv: List[str]) -> str:

@@ -671,11 +671,14 @@ class ConnectImportance(tp.importance.TaylorImportance):
         and at the end it is divided by ``sum_c u_c``. With one chunk this is the plain gradient of
         ``log S``. The pass keeps no layer outputs and frees each value after its last use.
 
-        First, a pass without gradients checks whether the flow is affine on the random inputs
+        First, the flow is shown affine on the random inputs, from the graph when it can be
+        (:func:`connect_tp.engine.affine_by_signs`: every ReLU sees non-negative flows only, as in a
+        ReLU network with ``bn_flow="gamma"`` and no max-pool), else by a pass without gradients
         (:func:`connect_tp.engine.affine_on_samples`: every sample on the same linear piece of
-        every ReLU, clamp and max-pool, and no other non-linearity). Then ``phi_tot`` (the mean of the samples' flows) and its gradient are
-        those of the one mean input, and only that one is differentiated: a quarter of the
-        activations at the default ``n_samples=4``, and a cheaper backward.
+        every ReLU, clamp and max-pool, and no other non-linearity). Then ``phi_tot`` (the mean of
+        the samples' flows) and its gradient are those of the one mean input, and only that one is
+        differentiated: a quarter of the activations at the default ``n_samples=4``, and a cheaper
+        backward.
 
         Returns ``None`` (and leaves no ``.grad``) when the general path must measure instead: the
         model is not traceable, an operation cannot be represented exactly, an input is not
@@ -690,11 +693,14 @@ class ConnectImportance(tp.importance.TaylorImportance):
         params = {**leaves, **frozen}
         self.used_mean_sample = False
         if n > 1 and isinstance(samples, torch.Tensor) and samples.is_floating_point():
-            try:
-                with _EvalMode(model), _explained_input_errors(samples):
-                    affine = engine.affine_on_samples(model, samples, params, self.bn_flow)
-            except engine.NeedsFallback:
-                return None
+            # the draws are uniform on [0, 1): a graph whose ReLUs only see non-negative flows needs no test pass
+            affine = engine.affine_by_signs(model, self.bn_flow) and bool(samples.min() >= 0)
+            if not affine:
+                try:
+                    with _EvalMode(model), _explained_input_errors(samples):
+                        affine = engine.affine_on_samples(model, samples, params, self.bn_flow)
+                except engine.NeedsFallback:
+                    return None
             if affine:  # the mean of the n flows and its gradient are those of the mean input
                 samples, n, self.used_mean_sample = samples.mean(0, keepdim=True), 1, True
         size = n if self.chunk_size is None else min(self.chunk_size, n)

@@ -156,21 +156,27 @@ def calibration_batches(dataset, num_samples: int, batch_size: int = 128,
 
 @torch.no_grad()
 def recalibrate_batchnorm(model: nn.Module, batches: Sequence[Tuple[torch.Tensor, torch.Tensor]],
-                          device: Any = "cpu") -> nn.Module:
-    """A copy of ``model`` whose BatchNorm running statistics are re-estimated on ``batches``.
+                          device: Any = "cpu", in_place: bool = False) -> nn.Module:
+    """``model`` (a copy unless ``in_place``) with BatchNorm running statistics re-estimated on ``batches``.
 
     Pruning removes inputs of the convolutions before each BatchNorm, whose running mean and
     variance still describe the unpruned activations. Re-estimating them (no weight changes) shows
-    how much of the accuracy lost at pruning time is this stale normalization.
+    how much of the accuracy lost at pruning time is this stale normalization. Returned in eval
+    mode; each BatchNorm's ``momentum`` is kept.
     """
-    model = copy.deepcopy(model).to(device)
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.reset_running_stats()
-            m.momentum = None  # cumulative average over all calibration batches
+    if not in_place:
+        model = copy.deepcopy(model)
+    model.to(device)
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over all calibration batches
     model.train()
     for images, _ in batches:
         model(images.to(device))
+    for m, momentum in zip(norms, momenta):
+        m.momentum = momentum
     return model.eval()
 
 
@@ -222,7 +228,7 @@ def progressive_prune(model: nn.Module, example_inputs: torch.Tensor, importance
                       iterative_steps: int = 400, max_pruning_ratio: float = 1.0, global_pruning: bool = True,
                       ignored_layers: Optional[List[nn.Module]] = None, device: Any = "cpu",
                       on_target: Optional[Callable[[PruneSnapshot], None]] = None,
-                      progress: bool = True, desc: str = "prune") -> List[PruneSnapshot]:
+                      progress: bool = True, desc: str = "prune", bn_refresh_every: int = 0) -> List[PruneSnapshot]:
     """Prune ``model`` in place, step by step, until every speed-up in ``targets`` is reached.
 
     Args:
@@ -238,14 +244,20 @@ def progressive_prune(model: nn.Module, example_inputs: torch.Tensor, importance
         ignored_layers: layers never pruned (default: the final classifier).
         on_target: called with each snapshot as soon as it is taken (to evaluate or save it).
         progress: show a progress bar with the current speed-up.
+        bn_refresh_every: re-estimate the BatchNorm statistics on the calibration images, in place,
+            before every ``bn_refresh_every``-th step (0: never, Torch-Pruning's loop). Pruning
+            leaves the statistics of the unpruned network, so the loss gradients of later steps
+            come from a model whose normalization no longer fits it; a refresh gives every
+            criterion the model it is really pruning (data-free ones get the same snapshots'
+            statistics). Needs ``calibration``.
 
     Returns:
         One :class:`PruneSnapshot` per target (a deep copy of the model at that point), in
         ascending target order.
 
     Raises:
-        ValueError: a gradient method without calibration data, a target that is not a finite
-            number > 1, or ``iterative_steps < 1``.
+        ValueError: a gradient method (or ``bn_refresh_every``) without calibration data, a target
+            that is not a finite number > 1, ``iterative_steps < 1`` or ``bn_refresh_every < 0``.
         UnreachableSpeedUp: the schedule topped out below a target (its last step was taken, or no
             layer can lose another channel); raised at that step, with the highest speed-up reached.
     """
@@ -258,6 +270,10 @@ def progressive_prune(model: nn.Module, example_inputs: torch.Tensor, importance
         getattr(importance, "balance", None) != math.inf
     if needs_grad and not calibration:
         raise ValueError("Taylor/CoNNect importance needs calibration batches to compute gradients")
+    if isinstance(bn_refresh_every, bool) or not isinstance(bn_refresh_every, int) or bn_refresh_every < 0:
+        raise ValueError(f"bn_refresh_every must be an integer >= 0 (0: never), got {bn_refresh_every!r}")
+    if bn_refresh_every and not calibration:
+        raise ValueError("bn_refresh_every re-estimates BatchNorm statistics on the calibration images: pass calibration=")
     model.to(device).eval()
     example_inputs = example_inputs.to(device)
     pruner = tp.pruner.MetaPruner(
@@ -271,6 +287,8 @@ def progressive_prune(model: nn.Module, example_inputs: torch.Tensor, importance
     best, prev_macs = 1.0, base_macs
     with tqdm(total=iterative_steps, desc=desc, disable=not progress, dynamic_ncols=True, unit="step") as bar:
         while pending:
+            if bn_refresh_every and pruner.current_step % bn_refresh_every == 0:
+                recalibrate_batchnorm(model, calibration, device, in_place=True)
             if needs_grad:
                 calibration_gradients(model, calibration, device)
             pruner.step()

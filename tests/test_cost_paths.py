@@ -45,10 +45,16 @@ def scores(model, **kwargs):
     return [imp(g) for g in groups_of(model)], imp
 
 
+def turn_off_mean_input(patch):
+    """Neither the sign proof nor the sample test may show the flow affine: every input is differentiated."""
+    patch.setattr(engine, "affine_by_signs", lambda *args, **kwargs: False)
+    patch.setattr(engine, "affine_on_samples", lambda *args, **kwargs: False)
+
+
 @pytest.fixture
 def every_sample(monkeypatch):
     """Differentiate every random input (no mean-input shortcut), so that chunking is what runs."""
-    monkeypatch.setattr(engine, "affine_on_samples", lambda *args, **kwargs: False)
+    turn_off_mean_input(monkeypatch)
 
 
 @pytest.mark.parametrize("chunk_size", [1, 2, 3, 5, 8])
@@ -173,7 +179,7 @@ def test_mean_input_gives_the_scores_of_every_input(monkeypatch, bn_flow, means,
     if shortcut is not None:
         assert imp_s.used_mean_sample is shortcut
     with monkeypatch.context() as m:
-        m.setattr(engine, "affine_on_samples", lambda *args, **kwargs: False)
+        turn_off_mean_input(m)
         full, imp_f = scores(model, balance=1.0, n_samples=4, bn_flow=bn_flow)
     assert not imp_f.used_mean_sample
     assert imp_s.last_log_connectivity == pytest.approx(imp_f.last_log_connectivity, rel=1e-6)
@@ -236,7 +242,7 @@ def _shortcut_against_every_sample(model, x, monkeypatch):
     for shortcut in (True, False):
         with monkeypatch.context() as m:
             if not shortcut:
-                m.setattr(engine, "affine_on_samples", lambda *args, **kwargs: False)
+                turn_off_mean_input(m)
             imp = ConnectImportance(n_samples=x.shape[0], bn_flow="stats", example_inputs=x[:1])  # kinks from running means
             leaves = {n: p.detach().clone().requires_grad_(True) for n, p in model.named_parameters()}
             with torch.enable_grad():
@@ -287,3 +293,66 @@ def test_max_pool_windows_must_pick_the_same_entry():
     other = torch.tensor([[[0.9, 0.1]], [[0.2, 0.7]]])
     assert engine.affine_on_samples(model, same, params, "stats")
     assert not engine.affine_on_samples(model, other, params, "stats")
+
+
+# ----------------------------------------------------------------------------- the sign proof
+class _Arithmetic(nn.Module):
+    """conv -> (an operation given as a function of the flow) -> ReLU -> linear."""
+
+    def __init__(self, op):
+        super().__init__()
+        self.conv, self.fc, self.op = nn.Conv2d(3, 4, 3), nn.Linear(4 * 6 * 6, 2), op
+
+    def forward(self, x):
+        y = self.conv(x)
+        return self.fc(torch.flatten(torch.relu(self.op(y)), 1))
+
+
+@pytest.mark.parametrize("op,proved", [
+    (lambda y: y, True),
+    (lambda y: y * 2.0 + 1, True),            # a positive factor and a positive constant keep the sign
+    (lambda y: torch.cat([y, y], 1)[:, :4], True),
+    (lambda y: y - 1, False),                 # a subtraction can cross the kink
+    (lambda y: y * -1.0, False),
+    (lambda y: y + torch.ones(1), False),     # a tensor constant: its sign is not known from the graph
+    (lambda y: y * y, False),                 # a product of flows is not affine
+    (lambda y: torch.sigmoid(y), False),      # no rule: not known to be affine
+])
+def test_sign_proof_of_small_graphs(op, proved):
+    model = _Arithmetic(op).eval()
+    assert engine.affine_by_signs(model, "gamma") is proved
+    if proved:  # sound: the sample test agrees on inputs in [0, 1)
+        torch.manual_seed(0)
+        assert engine.affine_on_samples(model, torch.rand(4, 3, 8, 8), dict(model.named_parameters()), "gamma")
+
+
+def test_sign_proof_of_the_model_zoo():
+    from connect_tp.models import resnet56, vgg19_bn
+    for model in (trained_like_resnet20(), resnet56(num_classes=10)):
+        assert engine.affine_by_signs(model.eval(), "gamma") and engine.affine_by_signs(model, "identity")
+        assert not engine.affine_by_signs(model, "stats")  # the shift -mean * scale may be negative
+    assert not engine.affine_by_signs(vgg19_bn(num_classes=10).eval(), "gamma")  # max-pool picks per sample
+    hard = nn.Sequential(nn.Linear(2, 2), nn.Hardtanh(0.0, 1.0), nn.Linear(2, 1)).eval()
+    assert not engine.affine_by_signs(hard, "gamma")  # the upper bound is a kink a flow >= 0 can reach
+    free = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, track_running_stats=False), nn.ReLU()).eval()
+    assert not engine.affine_by_signs(free, "gamma")  # batch statistics: not affine
+
+
+def test_proved_graphs_skip_the_sample_pass(monkeypatch):
+    """On a ReLU network with bn_flow="gamma" the importance uses the mean input without the test pass;
+    with "stats" it runs the pass. Scores are the same as differentiating every input."""
+    calls = []
+    real = engine.affine_on_samples
+    monkeypatch.setattr(engine, "affine_on_samples", lambda *a, **k: calls.append(1) or real(*a, **k))
+    model = trained_like_resnet20()
+    F.cross_entropy(model(torch.rand(8, 3, 32, 32)), torch.randint(0, 10, (8,))).backward()
+    short, imp = scores(model, balance=1.0, n_samples=4, bn_flow="gamma")
+    assert imp.used_mean_sample and calls == []
+    scores(model, balance=1.0, n_samples=4, bn_flow="stats")
+    assert calls == [1]
+    with monkeypatch.context() as m:
+        turn_off_mean_input(m)
+        full, imp_f = scores(model, balance=1.0, n_samples=4, bn_flow="gamma")
+    assert not imp_f.used_mean_sample
+    for a, b in zip(full, short):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)

@@ -1,6 +1,8 @@
 """Progressive pruning to speed-up targets, calibration gradients and layer-collapse detection."""
 import pytest
 import torch
+
+import connect_tp.pruning as pruning_module
 import torch.nn as nn
 
 from connect_tp.models import resnet20
@@ -106,6 +108,44 @@ def test_bn_recalibration_changes_only_statistics():
     assert torch.allclose(recal.bn1.running_mean, stem.mean((0, 2, 3)), atol=1e-5)
     assert not torch.allclose(recal.bn1.running_mean, model.bn1.running_mean)
     assert not recal.training
+
+
+def test_in_place_recalibration_keeps_the_model_and_its_momentum():
+    model = _model()
+    batches = [(torch.rand(16, 1, 32, 32), torch.zeros(16, dtype=torch.long))]
+    same = recalibrate_batchnorm(model, batches, in_place=True)
+    assert same is model and not model.training and model.bn1.momentum == 0.1
+    with torch.no_grad():
+        stem = model.conv1(batches[0][0])
+    assert torch.allclose(model.bn1.running_mean, stem.mean((0, 2, 3)), atol=1e-5)
+
+
+def test_bn_refresh_in_the_loop_gives_snapshots_fitted_statistics(monkeypatch):
+    """With bn_refresh_every=k the statistics are re-estimated before every k-th step (counted), so a
+    snapshot's running means describe the pruned network up to that step's pruning, not the unpruned one."""
+    batches = [(torch.rand(16, 1, 32, 32), torch.randint(0, 10, (16,)))]
+    refreshed = []
+    real = pruning_module.recalibrate_batchnorm
+    monkeypatch.setattr(pruning_module, "recalibrate_batchnorm",
+                        lambda m, b, d="cpu", in_place=False: refreshed.append(in_place) or real(m, b, d, in_place))
+    stale = progressive_prune(_model(), EXAMPLE, build_importance("l2"), [2.0], iterative_steps=20,
+                              calibration=batches, progress=False)[0]
+    assert refreshed == []
+    fresh = progressive_prune(_model(), EXAMPLE, build_importance("l2"), [2.0], iterative_steps=20,
+                              calibration=batches, progress=False, bn_refresh_every=2)[0]
+    assert fresh.step == stale.step and refreshed == [True] * ((fresh.step - 1) // 2 + 1)
+    # the same channels were kept (l2 reads no statistics), only the statistics differ
+    assert [p.shape for p in fresh.model.parameters()] == [p.shape for p in stale.model.parameters()]
+    assert not torch.allclose(fresh.model.bn1.running_var, stale.model.bn1.running_var)
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, True])
+def test_bn_refresh_every_is_validated(bad):
+    with pytest.raises(ValueError, match="bn_refresh_every"):
+        progressive_prune(_model(), EXAMPLE, build_importance("l2"), [2.0], calibration=[(torch.rand(2, 1, 32, 32),
+                          torch.zeros(2, dtype=torch.long))], progress=False, bn_refresh_every=bad)
+    with pytest.raises(ValueError, match="calibration"):
+        progressive_prune(_model(), EXAMPLE, build_importance("l2"), [2.0], progress=False, bn_refresh_every=1)
 
 
 def test_unreachable_target_is_reported_as_soon_as_nothing_is_left_to_prune():

@@ -72,6 +72,15 @@ def test_prune_fingerprint_ignores_the_other_targets_and_the_lambda_of_other_met
     assert prune_config(a, "connect", 2.5) != prune_config(b, "connect", 2.5)
 
 
+def test_bn_refresh_enters_the_prune_fingerprint_only_when_on():
+    off, on = resolve_config("smoke", 0), resolve_config("smoke", 0, bn_refresh_every=5)
+    assert "bn_refresh_every" not in prune_config(off, "l2", 2.5)  # files pruned before the option stay valid
+    assert prune_config(on, "l2", 2.5)["bn_refresh_every"] == 5
+    assert prune_config(resolve_config("smoke", 0, bn_refresh_every=0), "l2", 2.5) == prune_config(off, "l2", 2.5)
+    with pytest.raises(ConfigError, match="--bn-refresh-every"):
+        resolve_config("smoke", 0, bn_refresh_every=-1)
+
+
 def test_plain_connect_records_the_library_defaults_and_a_named_connect_never_changes_meaning(monkeypatch):
     from connect_tp import importance
     from connect_tp.pruning import build_importance

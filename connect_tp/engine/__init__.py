@@ -67,10 +67,10 @@ from . import appendix_b as _appendix_b, scaled as _scaled, trace as _tracing, v
 from .appendix_b import AppendixBGraph, LeafTracer, UnsupportedModuleError
 from .scaled import Binarize, NeedsFallback, Scaled
 from .trace import traced_graph
-from .views import APPENDIX_B_VIEWS, VIEWS, affine_on_samples, layer_flows, output_flow, run_traced
+from .views import APPENDIX_B_VIEWS, VIEWS, affine_by_signs, affine_on_samples, layer_flows, output_flow, run_traced
 
 __all__ = ["APPENDIX_B_VIEWS", "AppendixBGraph", "Binarize", "LeafTracer", "VIEWS", "NeedsFallback", "Scaled",
-           "UnsupportedModuleError", "affine_on_samples", "layer_flows", "output_flow", "run_traced", "traced_graph"]
+           "UnsupportedModuleError", "affine_by_signs", "affine_on_samples", "layer_flows", "output_flow", "run_traced", "traced_graph"]
 
 # Names outside __all__ that callers read as ``engine.X`` (as when the engine was one module).
 Handler = _appendix_b.Handler

@@ -472,6 +472,121 @@ def affine_on_samples(model: nn.Module, samples: torch.Tensor, params: Mapping[s
     return True
 
 
+
+def affine_by_signs(model: nn.Module, bn_flow: str, graph: Optional[fx.Graph] = None) -> bool:
+    """Whether the signal flow is affine on all non-negative inputs, proved from the graph alone (no pass).
+
+    A sufficient condition for :func:`affine_on_samples` that costs no forward pass: in the signal
+    view every weight, bias and (with ``bn_flow`` ``"gamma"`` or ``"identity"``) BatchNorm factor is
+    non-negative, so convolutions, linear layers, BatchNorm, sums, concatenations, average pooling
+    and reshapes map non-negative flows to non-negative flows (exactly, in floating point too: sums
+    and products of non-negative numbers never round below zero), and a ReLU (or leaky ReLU) that
+    only sees non-negative inputs is the identity. If every ReLU of the graph is reached by
+    non-negative flows only, and every other node is one of those or affine by itself, then the
+    flow is affine on the whole non-negative orthant, which holds the uniform [0, 1) samples. A
+    max-pool, a clamp with an upper bound, a subtraction or a product with a tensor before a ReLU,
+    BatchNorm with ``"stats"`` (its shift ``-mean * scale`` can be negative) and any operation
+    without a rule here make the answer ``False``: the caller then runs the sample test.
+    """
+    graph = graph if graph is not None else _trace(model)[0]
+    if graph is None:
+        return False
+    nonneg: Dict[fx.Node, bool] = {}  # flow nodes only: whether the flow is known to be >= 0
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    if len(placeholders) != 1:
+        return False  # which inputs carry the flow is known at run time only
+    for node in graph.nodes:
+        if node.op == "placeholder":
+            nonneg[node] = True
+            continue
+        if node.op == "output":
+            return True
+        flows = [a for a in node.all_input_nodes if a in nonneg]
+        if not flows or node.op == "get_attr":
+            continue  # sizes, constants: no flow
+        if node.op == "call_method" and node.target in _SHAPE_METHODS or \
+                node.op == "call_function" and node.target is getattr:
+            continue  # x.size(), x.shape: numbers, not flow
+        rule = _sign_rule(model, node, bn_flow)
+        if node.op != "call_module" and node.target in _PRODUCTS:
+            operands = [a for a in list(node.args) + list(node.kwargs.values()) if isinstance(a, fx.Node) and a in nonneg]
+            if len(operands) != 1 or node.args[:1] != (operands[0],):
+                return False  # a product of two flows (x * x too), or a flow in a denominator: not affine
+        inputs_nonneg = all(nonneg[a] for a in flows)
+        if rule == "keeps":
+            nonneg[node] = inputs_nonneg and _constants_nonneg(node, flows)
+        elif rule == "relu" and inputs_nonneg and len(flows) == 1:
+            nonneg[node] = True
+        elif rule == "linear":
+            nonneg[node] = False
+        else:
+            return False  # a kink some input may cross, or an operation not known to be affine
+    return False  # pragma: no cover (fx graphs end with an output node)
+
+
+_SHAPE_METHODS = {"size", "dim", "numel"}
+_ARITHMETIC = _ADD | _MUL | _DIV | {"add", "add_", "mul", "mul_", "div", "div_"}
+_PRODUCTS = _MUL | _DIV | {"mul", "mul_", "div", "div_"}
+# flow operations whose output is >= 0 when their flow inputs and other arguments are
+_SIGN_KEEPING_MODULES = CONV_TYPES + (
+    nn.Linear, nn.Identity, nn.Dropout, nn.modules.dropout._DropoutNd,
+    nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
+    nn.Flatten, nn.Unflatten, nn.ZeroPad2d, nn.PixelShuffle, nn.PixelUnshuffle, nn.ChannelShuffle,
+)
+_SIGN_KEEPING_FUNCTIONS = {
+    torch.flatten, torch.reshape, torch.permute, torch.transpose, torch.squeeze, torch.unsqueeze,
+    torch.mean, torch.sum, torch.flip, torch.roll, operator.getitem, torch.cat, torch.stack,
+    F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d,
+} | _ADD | _MUL | _DIV | _DROPOUT | _SPLITTING
+_SIGN_KEEPING_METHODS = (_HOMOGENEOUS_METHODS - {"relu", "relu_"}) | _SPLITTING_METHODS \
+    | {"add", "add_", "mul", "mul_", "div", "div_", "type_as", "to", "float", "double", "half"}
+
+
+def _sign_rule(model: nn.Module, node: fx.Node, bn_flow: str) -> Optional[str]:
+    """For :func:`affine_by_signs`: ``"keeps"`` (>= 0 in, >= 0 out), ``"relu"``, ``"linear"`` (affine,
+    sign unknown) or ``None`` (not known to be affine)."""
+    target = node.target
+    if node.op == "call_module":
+        m = model.get_submodule(target)
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            if m.running_mean is None:
+                return None  # batch statistics: not affine
+            return "keeps" if bn_flow in ("gamma", "identity") else "linear"
+        if isinstance(m, _SIGN_KEEPING_MODULES):
+            return "keeps"
+        if isinstance(m, (nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d)):
+            return "keeps" if m.value >= 0 else "linear"
+        if isinstance(m, (nn.ReLU, nn.LeakyReLU)):
+            return "relu"
+        return None
+    if node.op == "call_method":
+        if target in ("relu", "relu_"):
+            return "relu"
+        return "keeps" if target in _SIGN_KEEPING_METHODS else None
+    if node.op != "call_function":
+        return None
+    if target in _RELU_FUNCTIONS:
+        return "relu"
+    if target in _SIGN_KEEPING_FUNCTIONS:
+        return "keeps"
+    if target in _SUB or target in _CONV_FUNCTIONS or target is F.linear or target in (operator.neg, torch.neg):
+        return "linear"  # affine in the flow (a weight passed as a tensor need not be |W|)
+    return None
+
+
+def _constants_nonneg(node: fx.Node, flows: list) -> bool:
+    """Whether a sign-keeping node's other operands are non-negative numbers (or absent)."""
+    if node.op == "call_module" or node.target not in _ARITHMETIC:
+        return True  # reshapes, pooling, layers: no operand adds to or scales the flow
+    for a in list(node.args) + list(node.kwargs.values()):
+        if isinstance(a, fx.Node):
+            if a in flows:
+                continue
+            return False  # a tensor operand of unknown sign
+        if not (isinstance(a, (int, float)) and not isinstance(a, bool) and a >= 0):
+            return False  # a negative number, or anything else that is not a number >= 0
+    return True
+
 _LINEAR_MODULES = CONV_TYPES + (
     nn.Linear, nn.Identity, nn.Dropout, nn.modules.dropout._DropoutNd,
     nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,

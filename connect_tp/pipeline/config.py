@@ -122,7 +122,8 @@ def resolve_config(preset: str, seed: int = 0, *, out: Optional[str] = None, dev
                    epochs: Optional[int] = None, ft_epochs: Optional[int] = None,
                    iterative_steps: Optional[int] = None, calibration_samples: Optional[int] = None,
                    short_ft_steps: Optional[int] = None, connect_lam: Optional[float] = None,
-                   max_pruning_ratio: float = 1.0, ft_schedule: Optional[str] = None) -> Dict[str, Any]:
+                   max_pruning_ratio: float = 1.0, ft_schedule: Optional[str] = None,
+                   bn_refresh_every: Optional[int] = None) -> Dict[str, Any]:
     """The preset with the overrides applied, every value checked.
 
     Raises:
@@ -134,7 +135,7 @@ def resolve_config(preset: str, seed: int = 0, *, out: Optional[str] = None, dev
     cfg.update(preset=preset, seed=check_positive_int("--seed", seed, 0), device=device)
     for key, value in (("methods", methods), ("base_epochs", epochs), ("ft_epochs", ft_epochs),
                        ("iterative_steps", iterative_steps), ("calibration_samples", calibration_samples),
-                       ("short_ft_steps", short_ft_steps)):
+                       ("short_ft_steps", short_ft_steps), ("bn_refresh_every", bn_refresh_every)):
         if value is not None:
             cfg[key] = value
     if ft_schedule is not None:
@@ -144,7 +145,8 @@ def resolve_config(preset: str, seed: int = 0, *, out: Optional[str] = None, dev
     for key, flag, minimum in (("base_epochs", "--epochs", 1), ("ft_epochs", "--ft-epochs", 1),
                                ("iterative_steps", "--iterative-steps", 1),
                                ("calibration_samples", "--calibration-samples", 1),
-                               ("short_ft_steps", "--short-ft-steps", 0), ("batch_size", "batch_size", 1)):
+                               ("short_ft_steps", "--short-ft-steps", 0), ("batch_size", "batch_size", 1),
+                               ("bn_refresh_every", "--bn-refresh-every", 0)):
         cfg.setdefault(key, 0)
         check_positive_int(flag, cfg[key], minimum)
     for method in cfg["methods"]:
@@ -193,6 +195,8 @@ def prune_config(cfg: Dict[str, Any], method: str, target: float) -> Dict[str, A
                iterative_steps=cfg["iterative_steps"], calibration_samples=cfg["calibration_samples"],
                max_pruning_ratio=cfg["max_pruning_ratio"], connect_lam=lam)
     out.update(_connect_defaults(method, lam))
+    if cfg.get("bn_refresh_every"):  # absent when off: older files stay valid
+        out["bn_refresh_every"] = cfg["bn_refresh_every"]
     return out
 
 

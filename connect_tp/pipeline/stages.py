@@ -428,7 +428,7 @@ def _prune_method(ctx: Context, method: str, todo: List[float], base: _Base, cal
             "preset": cfg["preset"], "seed": cfg["seed"], "dataset": cfg["dataset"], "model": cfg["model"],
             "method": method, "target_speed_up": snap.target, "speed_up": snap.speed_up, "step": snap.step,
             "iterative_steps": cfg["iterative_steps"], "max_pruning_ratio": cfg["max_pruning_ratio"],
-            "calibration_samples": cfg["calibration_samples"],
+            "calibration_samples": cfg["calibration_samples"], "bn_refresh_every": cfg.get("bn_refresh_every", 0),
             "macs": snap.macs, "params": snap.params, "base_macs": base_result["macs"],
             "base_params": base_result["params"], "base_acc": base_result["acc"], "pruned_acc": acc,
             "pruned_acc_bn_recalibrated": acc_recal, "finetuned_acc": None, "prune_seconds": time.time() - start,
@@ -454,7 +454,8 @@ def _prune_method(ctx: Context, method: str, todo: List[float], base: _Base, cal
         progressive_prune(model, ctx.example_inputs, importance, targets,
                           calibration=calibration,  # used only by importances that read .grad
                           iterative_steps=cfg["iterative_steps"], max_pruning_ratio=cfg["max_pruning_ratio"],
-                          device=device, on_target=on_target, desc=f"prune {method}")
+                          device=device, on_target=on_target, desc=f"prune {method}",
+                          bn_refresh_every=cfg.get("bn_refresh_every", 0))
     except UnreachableSpeedUp as exc:
         saved = [f"{s.target:g}x" for s in exc.snapshots if s.target in todo]
         raise UnreachableSpeedUp(
