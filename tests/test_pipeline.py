@@ -148,3 +148,19 @@ def test_torchrun_finetune_with_gloo(run_dir, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     result = read_json(str(out / "results" / "l2_8x.json"))
     assert result["finetune_world_size"] == 2 and 0 <= result["finetuned_acc"] <= 100
+
+
+def test_bn_refresh_is_recorded_and_a_run_without_it_is_not_reused(run_dir, tmp_path, capsys):
+    out = tmp_path / "refresh"
+    os.makedirs(out)
+    for name in ("base.json", "base.pt"):
+        with open(os.path.join(run_dir, name), "rb") as f:
+            (out / name).write_bytes(f.read())
+    args = SMOKE + ["--out", str(out), "--methods", "l2", "--speed-up", "2.5"]
+    assert main(["prune"] + args + ["--bn-refresh-every", "2"]) == 0
+    result = read_json(os.path.join(out, "results", "l2_2.5x.json"))
+    assert result["bn_refresh_every"] == 2
+    assert result["provenance"]["prune"]["config"]["bn_refresh_every"] == 2
+    # the same folder without the option: a different protocol, refused rather than reused
+    assert main(["prune"] + args + ["--resume"]) == 1
+    assert "bn_refresh_every" in capsys.readouterr().err
