@@ -186,6 +186,15 @@ def finetune_schedule(results: List[Dict[str, Any]]) -> str:
     return found.pop() if found else "step"
 
 
+def bn_refresh(results: List[Dict[str, Any]]) -> int:
+    """How often the results' pruning loops re-estimated BatchNorm (0: never, the protocol); a mix is refused."""
+    found = {int(r.get("bn_refresh_every") or 0) for r in results}
+    if len(found) > 1:
+        raise SystemExit(f"error: these runs pruned with different --bn-refresh-every {sorted(found)}; "
+                         "summarize each protocol on its own")
+    return found.pop() if found else 0
+
+
 def _table_order(method: str) -> tuple:
     """CoNNect rows first, by kappa (then BatchNorm treatment), then the built-ins by name."""
     from connect_tp.pipeline.methods import parse_method
@@ -281,11 +290,13 @@ def summarize(run_dirs: Sequence[str], output: str) -> str:
     bases = [bases_by_seed[s] for s in sorted(bases_by_seed)]
     env = results[0].get("environment", {})
     schedule = finetune_schedule(results)
+    refresh = bn_refresh(results)
     lines = [f"Seeds {seeds}; base accuracy {_fmt(mean_spread([b['acc'] for b in bases]))} % "
              f"(per seed: {', '.join('%.2f' % b['acc'] for b in bases)}). "
              f"torch {env.get('torch')}, torch-pruning {env.get('torch_pruning')}, {env.get('threads')} thread(s)"
              + (f", {env['accelerator']}" if env.get("accelerator") else ", CPU")
-             + f". Fine-tuning epoch: {SCHEDULE_WORDS.get(schedule, schedule)}.", ""]
+             + f". Fine-tuning epoch: {SCHEDULE_WORDS.get(schedule, schedule)}."
+             + (f" BatchNorm statistics re-estimated before every {refresh} pruning step(s)." if refresh else ""), ""]
 
     def table(title: str, targets: Sequence[float], key: str) -> None:
         lines.extend([f"**{title}** (mean ± sample std over seeds)", "",
@@ -331,12 +342,12 @@ def summarize(run_dirs: Sequence[str], output: str) -> str:
     lines.append("")
     scores = {m: rule_score(results, m) for m in methods}
     # The rule was written for the constant-rate protocol; it does not read others.
-    kappa = choose_kappa(results) if schedule == "step" else None
+    kappa = choose_kappa(results) if schedule == "step" and not refresh else None
     lines.append(f"Rule score (mean fine-tuned accuracy over 8x and 16x, over the finished seeds "
                  f"{finished_seeds(results)}): " + ", ".join(
         f"{m} {v:.2f}" for m, v in sorted(scores.items(), key=lambda kv: -(kv[1] or -1)) if v is not None))
     lines.append("")
-    if schedule != "step":
+    if schedule != "step" or refresh:
         lines.append("Kappa chosen by the rule: – (the rule reads the constant-rate `ranking` protocol only)")
     else:
         lines.append(f"Kappa chosen by the rule: {'not yet (grid incomplete)' if kappa is None else f'{kappa:g}'}")

@@ -209,6 +209,16 @@ def test_summary_names_the_fine_tuning_schedule_and_refuses_a_mix(tmp_path):
         ranking.summarize([str(tmp_path / "c"), str(tmp_path / "s")], str(tmp_path / "out"))
 
 
+def test_summary_names_the_bn_refresh_and_refuses_a_mix(tmp_path):
+    write_run(tmp_path / "r", [result("l2", 8.0, 70.0, bn_refresh_every=1)])
+    text = ranking.summarize([str(tmp_path / "r")], str(tmp_path / "out"))
+    assert "re-estimated before every 1 pruning step" in text
+    assert "reads the constant-rate `ranking` protocol only" in text  # the rule does not read it
+    write_run(tmp_path / "p", [result("taylor", 8.0, 60.0)])  # the protocol: no refresh recorded
+    with pytest.raises(SystemExit, match="different --bn-refresh-every"):
+        ranking.summarize([str(tmp_path / "r"), str(tmp_path / "p")], str(tmp_path / "out"))
+
+
 def test_headline_table_puts_the_default_first_the_grid_down_to_taylor_and_names_partial_seeds(tmp_path):
     default = ranking.default_method()
     rows = []
