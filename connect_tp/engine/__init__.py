@@ -50,8 +50,9 @@ The package, by idea:
 * :mod:`.trace`: :func:`traced_graph` (the cached ``torch.fx`` trace) and the folding of an eval
   BatchNorm into the convolution it reads (``_AbsFoldedConv``).
 * :mod:`.views`: :data:`VIEWS`, the pass (``_Pass``, the node policy of the ``"signal"``,
-  ``"structure"`` and ``"reach"`` views), :func:`run_traced`, :func:`output_flow` and
-  :func:`layer_flows`.
+  ``"structure"`` and ``"reach"`` views), :func:`run_traced`, :func:`output_flow`,
+  :func:`layer_flows`, and the two tests that let the importance differentiate one mean input:
+  :func:`affine_by_signs` (from the graph alone) and :func:`affine_on_samples` (one pass).
 * :mod:`.appendix_b`: the ``"normalized"`` and ``"effective"`` views: :class:`AppendixBGraph`,
   ``_AppendixBPass``, :class:`LeafTracer`, the module and function rules
   (``appendix_b_module_kind``, :class:`UnsupportedModuleError`, ``Handler``).
