@@ -472,7 +472,6 @@ def affine_on_samples(model: nn.Module, samples: torch.Tensor, params: Mapping[s
     return True
 
 
-
 def affine_by_signs(model: nn.Module, bn_flow: str, graph: Optional[fx.Graph] = None) -> bool:
     """Whether the signal flow is affine on all non-negative inputs, proved from the graph alone (no pass).
 
@@ -527,12 +526,8 @@ def affine_by_signs(model: nn.Module, bn_flow: str, graph: Optional[fx.Graph] = 
 _SHAPE_METHODS = {"size", "dim", "numel"}
 _ARITHMETIC = _ADD | _MUL | _DIV | {"add", "add_", "mul", "mul_", "div", "div_"}
 _PRODUCTS = _MUL | _DIV | {"mul", "mul_", "div", "div_"}
-# flow operations whose output is >= 0 when their flow inputs and other arguments are
-_SIGN_KEEPING_MODULES = CONV_TYPES + (
-    nn.Linear, nn.Identity, nn.Dropout, nn.modules.dropout._DropoutNd,
-    nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
-    nn.Flatten, nn.Unflatten, nn.ZeroPad2d, nn.PixelShuffle, nn.PixelUnshuffle, nn.ChannelShuffle,
-)
+# flow operations whose output is >= 0 when their flow inputs and other arguments are (modules:
+# _LINEAR_MODULES, whose only additive constant is a constant pad's value)
 _SIGN_KEEPING_FUNCTIONS = {
     torch.flatten, torch.reshape, torch.permute, torch.transpose, torch.squeeze, torch.unsqueeze,
     torch.mean, torch.sum, torch.flip, torch.roll, operator.getitem, torch.cat, torch.stack,
@@ -552,10 +547,10 @@ def _sign_rule(model: nn.Module, node: fx.Node, bn_flow: str) -> Optional[str]:
             if m.running_mean is None:
                 return None  # batch statistics: not affine
             return "keeps" if bn_flow in ("gamma", "identity") else "linear"
-        if isinstance(m, _SIGN_KEEPING_MODULES):
-            return "keeps"
         if isinstance(m, (nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d)):
             return "keeps" if m.value >= 0 else "linear"
+        if isinstance(m, _LINEAR_MODULES):  # |W|, |b|: no negative constant
+            return "keeps"
         if isinstance(m, (nn.ReLU, nn.LeakyReLU)):
             return "relu"
         return None
@@ -586,6 +581,7 @@ def _constants_nonneg(node: fx.Node, flows: list) -> bool:
         if not (isinstance(a, (int, float)) and not isinstance(a, bool) and a >= 0):
             return False  # a negative number, or anything else that is not a number >= 0
     return True
+
 
 _LINEAR_MODULES = CONV_TYPES + (
     nn.Linear, nn.Identity, nn.Dropout, nn.modules.dropout._DropoutNd,
