@@ -228,14 +228,17 @@ def _headline_name(method: str) -> str:
 
     names = {"taylor": "Taylor (= κ=0)", "l1": "L1", "l2": "L2", "lamp": "LAMP",
              "random": "random (Torch-Pruning)", "uniform": "uniform random"}
-    if method in names:
-        return names[method]
     _, options = parse_method(method)
+    norm = options.get("normalizer")  # a -norm<...> suffix: Torch-Pruning's normalizer instead of "mean"
+    suffix = "" if norm is None else (", `normalizer=None`" if norm == "none" else f', `normalizer="{norm}"`')
+    plain = method if norm is None else method[:method.rindex("-norm")]
+    if plain in names:
+        return names[plain] + suffix
     kappa = options.get("balance")
     name = "CoNNect κ=" + ("∞" if kappa == math.inf else f"{kappa:g}")
     if options.get("bn_flow"):
         name += f', `bn_flow="{options["bn_flow"]}"`'
-    return name + (" (**default**)" if method == default_method() else "")
+    return name + suffix + (" (**default**)" if method == default_method() else "")
 
 
 def headline_table(results: List[Dict[str, Any]], methods: Sequence[str], scores: Dict[str, Optional[float]]) -> str:

@@ -46,7 +46,7 @@ import torch_pruning as tp
 from tqdm.auto import tqdm
 
 # Method names are parsed without torch (the command line checks them before importing it).
-from .pipeline.methods import GRADIENT_METHODS, PRUNING_METHODS, connect_options, parse_method
+from .pipeline.methods import GRADIENT_METHODS, PRUNING_METHODS, connect_options, normalizer_of, parse_method
 
 __all__ = [
     "PRUNING_METHODS", "GRADIENT_METHODS", "UniformRandomImportance", "parse_method", "connect_options",
@@ -75,7 +75,8 @@ def build_importance(method: str, example_inputs: Optional[torch.Tensor] = None,
     """The Torch-Pruning importance object for a method name.
 
     Args:
-        method: one of :data:`PRUNING_METHODS`, or ``connect`` with options (:func:`parse_method`).
+        method: one of :data:`PRUNING_METHODS`, or ``connect`` with options (:func:`parse_method`);
+            ``connect``, ``taylor``, ``l1`` and ``l2`` may end in ``-norm<normalizer>``.
             ``taylor`` is DepGraph's group Taylor importance (the paper's "DepGraph" baseline);
             ``l1``/``l2`` group magnitude; ``lamp`` LAMP; ``random`` Torch-Pruning's random
             importance; ``uniform`` :class:`UniformRandomImportance`; ``connect``
@@ -88,6 +89,7 @@ def build_importance(method: str, example_inputs: Optional[torch.Tensor] = None,
         >>> imp = build_importance("connect-k3-bngamma")
     """
     name, _ = parse_method(method)
+    normalizer = normalizer_of(method)  # "mean", Torch-Pruning's default, unless the name ends in -norm<...>
     if name == "connect":
         from .importance import ConnectImportance  # imported here: the module is optional for other methods
 
@@ -96,11 +98,11 @@ def build_importance(method: str, example_inputs: Optional[torch.Tensor] = None,
             options["lam"] = connect_lam
         return ConnectImportance(example_inputs=example_inputs, **options)
     if name == "taylor":
-        return tp.importance.GroupTaylorImportance()
+        return tp.importance.GroupTaylorImportance(normalizer=normalizer)
     if name == "l1":
-        return tp.importance.GroupMagnitudeImportance(p=1)
+        return tp.importance.GroupMagnitudeImportance(p=1, normalizer=normalizer)
     if name == "l2":
-        return tp.importance.GroupMagnitudeImportance(p=2)
+        return tp.importance.GroupMagnitudeImportance(p=2, normalizer=normalizer)
     if name == "lamp":
         return tp.importance.LAMPImportance(p=2)
     if name == "random":

@@ -174,3 +174,49 @@ def test_method_names_parse_without_torch_pruning():
             "assert 'torch_pruning' not in sys.modules")
     assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0
     assert parse_method("l2") == ("l2", {})
+
+
+def test_a_norm_suffix_names_torch_pruning_normalizer():
+    assert parse_method("l1-normsum") == ("l1", {"normalizer": "sum"})
+    assert parse_method("connect-k100-bngamma-normnone") == (
+        "connect", {"balance": 100.0, "bn_flow": "gamma", "normalizer": "none"})
+    assert build_importance("l1-normsum").normalizer == "sum"
+    assert build_importance("taylor-normmax").normalizer == "max"
+    assert build_importance("l2-normnone").normalizer is None
+    assert build_importance("l2").normalizer == "mean", "no suffix keeps Torch-Pruning's default"
+    connect = build_importance("connect-kinf-bngamma-normsum", EXAMPLE)
+    assert (connect.normalizer, connect.bn_flow, connect.balance) == ("sum", "gamma", float("inf"))
+    plain = build_importance("connect-normsum", EXAMPLE)
+    assert plain.default_strength and plain.normalizer == "sum"
+    for bad, message in (("lamp-normsum", "LAMP fixes its own"), ("random-normmean", "random and uniform"),
+                         ("l1-normfoo", "unknown normalizer 'foo'"), ("l1-normsum-normmax", "one -norm")):
+        with pytest.raises(ValueError, match=message):
+            build_importance(bad)
+
+
+def test_the_normalizer_changes_where_global_pruning_cuts():
+    # Connectivity shares sum to about 1 per layer, so "sum" compares channels by their share of their
+    # group's connectivity: wide groups lose channels first, unlike "mean" (a score relative to its group).
+    def widths(method):
+        snap = progressive_prune(_model(), EXAMPLE, build_importance(method, EXAMPLE), [4.0], iterative_steps=40,
+                                 progress=False)[0]
+        return layer_channels(snap.model)
+
+    by_mean, by_sum = widths("connect-kinf-bngamma"), widths("connect-kinf-bngamma-normsum")
+    assert by_mean != by_sum
+    spread = lambda ch: max(v[1] for k, v in ch.items() if k != "fc") - min(v[1] for k, v in ch.items() if k != "fc")
+    assert spread(by_sum) < spread(by_mean), "shares equalize the widths"
+
+
+def test_connectivity_scores_of_a_group_sum_to_one_under_the_sum_normalizer():
+    import torch_pruning as tp
+
+    model = _model()
+    imp = build_importance("connect-kinf-bngamma-normsum", EXAMPLE)
+    pruner = tp.pruner.MetaPruner(model, EXAMPLE, importance=imp, global_pruning=True, pruning_ratio=0.5,
+                                  ignored_layers=[model.fc])
+    groups = list(pruner.DG.get_all_groups(ignored_layers=pruner.ignored_layers, root_module_types=pruner.root_module_types))
+    assert len(groups) > 5
+    for group in groups:
+        scores = imp(group)
+        assert torch.all(scores >= 0) and float(scores.sum()) == pytest.approx(1.0, rel=1e-5)

@@ -106,6 +106,11 @@ def test_plain_connect_records_the_library_defaults_and_a_named_connect_never_ch
     assert build_importance("connect-k3").bn_flow == "stats"
     assert build_importance("connect-lam5").bn_flow == "stats"
     assert build_importance("connect-k3-bngamma").bn_flow == "gamma"
+    # A -norm<...> suffix names the normalizer only: plain connect's defaults stay recorded.
+    norm_only = prune_config(cfg, "connect-normsum", 2.5)
+    assert (norm_only["connect_balance"], norm_only["connect_bn_flow"]) == ("inf", "identity")
+    assert not {"connect_balance", "connect_bn_flow"} & set(prune_config(cfg, "connect-k3-normsum", 2.5))
+    assert build_importance("connect-k3-normsum").bn_flow == "stats"
 
 
 # ------------------------------------------------------------------------------------------------ fingerprints

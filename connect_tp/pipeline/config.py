@@ -216,7 +216,7 @@ def _connect_defaults(method: str, lam: Optional[float]) -> Dict[str, Any]:
     from ..importance import DEFAULT_BALANCE, DEFAULT_BN_FLOW  # imported on use: config stays torch-free
 
     out: Dict[str, Any] = {}
-    if not options:
+    if not set(options) - {"normalizer"}:  # plain connect, with or without -norm<normalizer>
         out["connect_bn_flow"] = DEFAULT_BN_FLOW
     if lam is None and "balance" not in options and "lam" not in options:
         out["connect_balance"] = "inf" if DEFAULT_BALANCE == math.inf else DEFAULT_BALANCE

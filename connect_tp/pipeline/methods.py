@@ -6,7 +6,10 @@ importance object and re-exports these functions.
 
 ``connect`` takes options in its name: ``connect-k<kappa>`` (balance, ``inf`` allowed),
 ``connect-lam<lambda>`` (the absolute form) and ``-bn<stats|gamma|identity>``, e.g.
-``connect-k3-bngamma``. Other methods take none.
+``connect-k3-bngamma``. ``connect``, ``taylor``, ``l1`` and ``l2`` also take ``-norm<normalizer>``
+last (:data:`NORMALIZER_NAMES`), Torch-Pruning's per-group score normalization (``mean`` when
+absent, its default and the protocol's), e.g. ``connect-k100-bngamma-normsum`` or ``l1-normsum``.
+``lamp``, ``random`` and ``uniform`` take no options.
 
 A name with options means the same criterion whatever the library's defaults: without ``-bn`` it
 is ``bn_flow="stats"``, the treatment every such name meant when the ranking benchmark's results
@@ -17,9 +20,10 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, Optional, Tuple
 
-__all__ = ["PRUNING_METHODS", "GRADIENT_METHODS", "parse_method", "connect_options"]
+__all__ = ["PRUNING_METHODS", "GRADIENT_METHODS", "NORMALIZER_NAMES", "parse_method", "connect_options",
+           "normalizer_of"]
 
 PRUNING_METHODS = ("connect", "taylor", "l1", "l2", "lamp", "random", "uniform")
 """Importance criteria known to :func:`connect_tp.pruning.build_importance` (``connect`` also takes options)."""
@@ -27,6 +31,11 @@ PRUNING_METHODS = ("connect", "taylor", "l1", "l2", "lamp", "random", "uniform")
 GRADIENT_METHODS = frozenset({"connect", "taylor"})
 """Methods whose importance needs ``loss.backward()`` on calibration data before each step."""
 
+NORMALIZER_NAMES = ("mean", "sum", "max", "none", "standarization", "gaussian")
+"""Normalizers a ``-norm<name>`` suffix may name (Torch-Pruning's spelling; ``none`` is ``normalizer=None``)."""
+
+_NORMALIZABLE = ("connect", "taylor", "l1", "l2")  # the others fix their own normalization (LAMP) or have none
+_NORM_SUFFIX = re.compile(r"-norm(?P<norm>[a-z]*)$")
 _CONNECT_SPEC = re.compile(r"^connect(?:-k(?P<balance>inf|[0-9.e+-]+))?(?:-lam(?P<lam>[0-9.e+-]+))?"
                            r"(?:-bn(?P<bn_flow>[a-z]+))?$")
 
@@ -41,12 +50,24 @@ def parse_method(method: str) -> Tuple[str, Dict[str, Any]]:
         >>> parse_method("connect-k3-bngamma")
         ('connect', {'balance': 3.0, 'bn_flow': 'gamma'})
     """
+    suffix = _NORM_SUFFIX.search(method)
+    if suffix is not None:
+        base, norm = method[:suffix.start()], suffix["norm"]
+        if norm not in NORMALIZER_NAMES:
+            raise ValueError(f"unknown normalizer {norm!r} in pruning method {method!r}; choose one of "
+                             f"{list(NORMALIZER_NAMES)}")
+        criterion, options = parse_method(base)
+        if criterion not in _NORMALIZABLE or "normalizer" in options:
+            raise ValueError(f"pruning method {method!r}: only {list(_NORMALIZABLE)} take one -norm<normalizer> "
+                             "suffix (LAMP fixes its own normalization; random and uniform have none)")
+        return criterion, dict(options, normalizer=norm)
     if method in PRUNING_METHODS:
         return method, {}
     match = _CONNECT_SPEC.match(method)
     if match is None:
         raise ValueError(f"unknown pruning method {method!r}; choose one of {list(PRUNING_METHODS)}, or "
-                         "connect-k<kappa>[-bn<stats|gamma|identity>] / connect-lam<lambda>[-bn...]")
+                         "connect-k<kappa>[-bn<stats|gamma|identity>] / connect-lam<lambda>[-bn...], each "
+                         "optionally ending in -norm<normalizer>")
     options: Dict[str, Any] = {}
     try:
         if match["balance"] is not None:
@@ -80,6 +101,19 @@ def connect_options(method: str) -> Dict[str, Any]:
     name, options = parse_method(method)
     if name != "connect":
         raise ValueError(f"{method!r} is not a connect method")
-    if options and "bn_flow" not in options:
+    if "normalizer" in options:
+        options["normalizer"] = normalizer_of(method)
+    if set(options) - {"normalizer"} and "bn_flow" not in options:
         options["bn_flow"] = NAMED_BN_FLOW
     return options
+
+
+def normalizer_of(method: str) -> Optional[str]:
+    """The Torch-Pruning ``normalizer`` argument a method name asks for (``"mean"`` without ``-norm``).
+
+    Example:
+        >>> normalizer_of("l1-normnone") is None, normalizer_of("connect-k100-normsum"), normalizer_of("l2")
+        (True, 'sum', 'mean')
+    """
+    norm = parse_method(method)[1].get("normalizer", "mean")
+    return None if norm == "none" else norm
