@@ -10,6 +10,8 @@ to 0 (``cosine``), and reports mean ± std over the orders.
 
     python -m benchmarks.finetune_noise --threads 1                        # l2 at 8x and 16x, 3 orders
     python -m benchmarks.finetune_noise --threads 1 --resume               # continue an interrupted run
+    python -m benchmarks.finetune_noise --base runs/ranking-cpu/seed1/base/base.pt --pruned-dir 'runs/ranking-cpu/seed1/{method}' \
+        --methods l1 --schedules cosine --orders 1 11 21 --out OUT      # another seed's saved snapshots
 
 Results: ``benchmarks/results/finetune_noise/{results.json,table.md}``; every finished fine-tuning
 is written at once, and ``--resume`` skips those whose key is present (a new run without it refuses
@@ -27,7 +29,7 @@ from typing import Any, Dict, List, Optional
 import torch
 
 from connect_tp.data import load_datasets
-from connect_tp.pipeline.files import atomic_write, atomic_write_json, read_json
+from connect_tp.pipeline.files import atomic_write, atomic_write_json, read_json, sha256_file
 from connect_tp.pipeline.table import format_stat, mean_spread
 from connect_tp.pruning import build_importance, calibration_batches, progressive_prune
 from connect_tp.training import fit, load_model_checkpoint, set_seed
@@ -45,6 +47,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--resume", action="store_true")
     p.add_argument("--out", default=os.path.join("benchmarks", "results", "finetune_noise"))
+    p.add_argument("--pruned-dir", default=None, metavar="FOLDER",
+                   help="fine-tune the snapshots a ranking run saved, FOLDER/pruned/<method>_<target>x.pt, instead "
+                        "of pruning again; '{method}' in FOLDER is replaced by each method (one folder per method)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     path = os.path.join(args.out, "results.json")
@@ -66,13 +71,17 @@ def main(argv: Optional[List[str]] = None) -> int:
         keys = [f"{method}/{t:g}x/{s}/order{o}" for t in args.targets for s in args.schedules for o in args.orders]
         if all(k in done for k in keys):
             continue
-        base, _ = load_model_checkpoint(args.base)
-        set_seed(0)
-        start = time.time()
-        snaps = progressive_prune(base, example, build_importance(method, example, seed=0), sorted(args.targets),
-                                  calibration=calibration_batches(plain_train, 256, seed=0), iterative_steps=400,
-                                  desc=f"prune {method}")
-        print(f"{method}: pruned in {time.time() - start:.0f} s", flush=True)
+        if args.pruned_dir is not None:
+            snaps = [_saved_snapshot(args.pruned_dir.format(method=method), method, t, args.base)
+                     for t in sorted(args.targets)]
+        else:
+            base, _ = load_model_checkpoint(args.base)
+            set_seed(0)
+            start = time.time()
+            snaps = progressive_prune(base, example, build_importance(method, example, seed=0), sorted(args.targets),
+                                      calibration=calibration_batches(plain_train, 256, seed=0), iterative_steps=400,
+                                      desc=f"prune {method}")
+            print(f"{method}: pruned in {time.time() - start:.0f} s", flush=True)
         for snap in snaps:
             for schedule in args.schedules:
                 for order in args.orders:
@@ -91,6 +100,25 @@ def main(argv: Optional[List[str]] = None) -> int:
                     print(f"{key}: {acc:.2f} % ({time.time() - start:.0f} s)", flush=True)
     write_table(done, args.out)
     return 0
+
+
+class _Snapshot:
+    def __init__(self, model, target: float, speed_up: float):
+        self.model, self.target, self.speed_up = model, target, speed_up
+
+
+def _saved_snapshot(folder: str, method: str, target: float, base: str) -> _Snapshot:
+    """A snapshot a ranking run saved, refused unless it was pruned from the model ``--base`` names."""
+    path = os.path.join(folder, "pruned", f"{method}_{target:g}x.pt")
+    if not os.path.exists(path):
+        raise SystemExit(f"error: {path} does not exist; --pruned-dir must name the run folder that pruned "
+                         f"{method} (with '{{method}}' where the method's name goes)")
+    model, checkpoint = load_model_checkpoint(path)
+    parent = checkpoint.get("provenance", {}).get("parent", {}).get("sha256")
+    if parent != sha256_file(base):
+        raise SystemExit(f"error: {path} was not pruned from {base} (its parent's sha256 differs); give the "
+                         "--base of that run")
+    return _Snapshot(model, target, float(checkpoint.get("speed_up", target)))
 
 
 def write_table(done: Dict[str, Any], out: str) -> None:
