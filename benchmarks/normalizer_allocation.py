@@ -12,7 +12,7 @@ scores sum to about 1 (the network is homogeneous in each layer's weights), so
 - ``sum`` / ``none`` ranks it by the first-order change of log phi_tot when the whole coupled channel
   goes (its shares summed over every layer it touches): residual streams, which touch many layers,
   are kept and the inner widths go first;
-- ``mean`` / ``max`` and ``mean`` / ``none`` for completeness.
+- any other pair Torch-Pruning accepts (``mean`` / ``max``, ``mean`` / ``none``, ...).
 
 The script prunes a committed ranking base model with connectivity alone (``balance=inf``,
 ``bn_flow="gamma"``; data-free, so each trajectory takes seconds; at the default kappa = 100 the
@@ -20,7 +20,7 @@ ranking matches it, ``benchmarks/blend_knobs.py``) along the ranking protocol's 
 and fine-tunes the 8x and 16x snapshots for one epoch with the rate decayed to 0 (the
 ``ranking-cosine`` fine-tuning; data order = ``--ft-seed``).
 
-    python -m benchmarks.normalizer_allocation --seeds 0 --configs mean/mean mean/sum mean/max mean/none sum/none \\
+    python -m benchmarks.normalizer_allocation --seeds 0 --configs mean/mean mean/sum sum/none \\
         --threads 1 --data-dir /usr/share/datasets/fashion-mnist
     python -m benchmarks.normalizer_allocation --seeds 1 --configs sum/none --resume ...
 
