@@ -108,13 +108,19 @@ class _Snapshot:
 
 
 def _saved_snapshot(folder: str, method: str, target: float, base: str) -> _Snapshot:
-    """A snapshot a ranking run saved, refused unless it was pruned from the model ``--base`` names."""
+    """A snapshot a ranking run saved, refused unless it was pruned from the model ``--base`` names.
+
+    The snapshot's recorded parent decides; a snapshot saved before parents were recorded is
+    judged by its run folder's ``base.pt``.
+    """
     path = os.path.join(folder, "pruned", f"{method}_{target:g}x.pt")
     if not os.path.exists(path):
         raise SystemExit(f"error: {path} does not exist; --pruned-dir must name the run folder that pruned "
                          f"{method} (with '{{method}}' where the method's name goes)")
     model, checkpoint = load_model_checkpoint(path)
     parent = checkpoint.get("provenance", {}).get("parent", {}).get("sha256")
+    if parent is None and os.path.exists(os.path.join(folder, "base.pt")):
+        parent = sha256_file(os.path.join(folder, "base.pt"))  # older snapshots: the run folder's base model
     if parent != sha256_file(base):
         raise SystemExit(f"error: {path} was not pruned from {base} (its parent's sha256 differs); give the "
                          "--base of that run")

@@ -33,3 +33,15 @@ def test_a_snapshot_of_another_base_or_a_missing_one_is_refused(tmp_path):
         finetune_noise._saved_snapshot(str(folder), "l1", 8.0, str(base))
     with pytest.raises(SystemExit, match="does not exist"):
         finetune_noise._saved_snapshot(str(folder), "l1", 16.0, str(base))
+
+
+def test_an_older_snapshot_without_a_parent_is_judged_by_its_folders_base(tmp_path):
+    base = tmp_path / "base.pt"
+    save_model_checkpoint(str(base), resnet20(num_classes=10, in_channels=1), ARCH)
+    folder = tmp_path / "old"
+    (folder / "pruned").mkdir(parents=True)
+    save_model_checkpoint(str(folder / "pruned" / "l1_8x.pt"), resnet20(num_classes=10, in_channels=1), ARCH)
+    with pytest.raises(SystemExit, match="was not pruned from"):  # no parent and no base.pt beside it
+        finetune_noise._saved_snapshot(str(folder), "l1", 8.0, str(base))
+    (folder / "base.pt").write_bytes(base.read_bytes())
+    assert finetune_noise._saved_snapshot(str(folder), "l1", 8.0, str(base)).target == 8.0
