@@ -37,7 +37,8 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 
 from connect_tp.data import load_datasets
-from connect_tp.pipeline.files import atomic_write, atomic_write_json, read_json
+from benchmarks.resumable import open_results
+from connect_tp.pipeline.files import atomic_write, atomic_write_json
 from connect_tp.pruning import build_importance, calibration_batches, calibration_gradients
 from connect_tp.training import load_model_checkpoint
 
@@ -150,17 +151,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--out", default=os.path.join("benchmarks", "results", "blend_knobs"))
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    path = os.path.join(args.out, "results.json")
-    if os.path.exists(path) and not args.resume:
-        raise SystemExit(f"error: {path} exists; add --resume to continue it, or give another --out")
-    runs: Dict[str, Any] = {}
-    stored: Dict[str, Any] = {}
-    if os.path.exists(path):
-        stored = read_json(path)
-        if stored["base"] != args.base or stored["reference"] != list(args.sets[-1]):
-            raise SystemExit(f"error: {path} holds runs of another --base or reference set; give another --out")
-        runs = stored["runs"]
-    os.makedirs(args.out, exist_ok=True)
+    path, stored = open_results(args.out, args.resume, base=args.base, reference=list(args.sets[-1]))
+    runs: Dict[str, Any] = stored.get("runs", {})
     train_set, _, _ = load_datasets("fashion_mnist", args.data_dir, False, None, None, augment=False)
     for kappa in args.kappas:
         method = f"connect-k{kappa}-bngamma"

@@ -29,7 +29,8 @@ from typing import Any, Dict, List, Optional
 import torch
 
 from connect_tp.data import load_datasets
-from connect_tp.pipeline.files import atomic_write, atomic_write_json, read_json, sha256_file
+from benchmarks.resumable import open_results
+from connect_tp.pipeline.files import atomic_write, atomic_write_json, sha256_file
 from connect_tp.pipeline.table import format_stat, mean_spread
 from connect_tp.pruning import build_importance, calibration_batches, progressive_prune
 from connect_tp.training import fit, load_model_checkpoint, set_seed
@@ -52,17 +53,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                         "of pruning again; '{method}' in FOLDER is replaced by each method (one folder per method)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    path = os.path.join(args.out, "results.json")
-    if os.path.exists(path) and not args.resume:
-        raise SystemExit(f"error: {path} exists; add --resume to continue it, or give another --out")
-    done: Dict[str, Any] = {}
-    if os.path.exists(path):
-        stored = read_json(path)
-        if (stored["base"], stored["lr"]) != (args.base, args.lr):
-            raise SystemExit(f"error: {path} holds runs of --base {stored['base']} --lr {stored['lr']:g}; "
-                             f"resume with those, or give another --out")
-        done = stored["runs"]
-    os.makedirs(args.out, exist_ok=True)
+    path, stored = open_results(args.out, args.resume, base=args.base, lr=args.lr)
+    done: Dict[str, Any] = stored.get("runs", {})
 
     train_set, test_set, info = load_datasets("fashion_mnist", args.data_dir, False, None, None)
     plain_train, _, _ = load_datasets("fashion_mnist", args.data_dir, False, None, None, augment=False)

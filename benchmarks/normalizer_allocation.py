@@ -41,16 +41,16 @@ import torch
 
 from connect_tp.data import load_datasets
 from connect_tp.importance import ConnectImportance
-from connect_tp.pipeline.files import atomic_write, atomic_write_json, read_json
+from benchmarks import ranking
+from benchmarks.resumable import open_results
+from connect_tp.pipeline.files import atomic_write, atomic_write_json
 from connect_tp.pruning import layer_channels, progressive_prune
 from connect_tp.training import fit, load_model_checkpoint
 
 
 def stage_widths(model: torch.nn.Module) -> str:
-    """ResNet-20 widths per stage: residual stream / mean inner width."""
-    ch = layer_channels(model)
-    return " · ".join(f"{ch[f'layer{k}.2.conv2'][1]}/{sum(ch[f'layer{k}.{b}.conv1'][1] for b in range(3)) / 3:.0f}"
-                      for k in (1, 2, 3))
+    """ResNet-20 widths per stage, residual stream / mean inner width (the ranking table's format)."""
+    return ranking.stage_widths({"channels": layer_channels(model)})
 
 
 def table(runs: Dict[str, Any]) -> str:
@@ -78,11 +78,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         if config.count("/") != 1:
             p.error(f"--configs takes REDUCTION/NORMALIZER pairs such as mean/sum, got {config!r}")
     torch.set_num_threads(args.threads)
-    path = os.path.join(args.out, "results.json")
-    if os.path.exists(path) and not args.resume:
-        raise SystemExit(f"error: {path} exists; add --resume to continue it, or give another --out")
-    runs: Dict[str, Any] = read_json(path)["runs"] if os.path.exists(path) else {}
-    os.makedirs(args.out, exist_ok=True)
+    path, stored = open_results(args.out, args.resume)
+    runs: Dict[str, Any] = stored.get("runs", {})
     train_set, test_set, _ = load_datasets("fashion_mnist", args.data_dir, False, None, None)
     for seed in args.seeds:
         base = os.path.join("benchmarks", "results", "ranking", f"seed{seed}", "base.pt")

@@ -102,7 +102,7 @@ def connect_options(method: str) -> Dict[str, Any]:
     if name != "connect":
         raise ValueError(f"{method!r} is not a connect method")
     if "normalizer" in options:
-        options["normalizer"] = normalizer_of(method)
+        options["normalizer"] = _normalizer_arg(options["normalizer"])
     if set(options) - {"normalizer"} and "bn_flow" not in options:
         options["bn_flow"] = NAMED_BN_FLOW
     return options
@@ -115,5 +115,8 @@ def normalizer_of(method: str) -> Optional[str]:
         >>> normalizer_of("l1-normnone") is None, normalizer_of("connect-k100-normsum"), normalizer_of("l2")
         (True, 'sum', 'mean')
     """
-    norm = parse_method(method)[1].get("normalizer", "mean")
-    return None if norm == "none" else norm
+    return _normalizer_arg(parse_method(method)[1].get("normalizer", "mean"))
+
+
+def _normalizer_arg(name: str) -> Optional[str]:
+    return None if name == "none" else name
