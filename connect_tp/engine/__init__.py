@@ -60,9 +60,10 @@ The package, by idea:
 Every name callers use is re-exported here, and callers outside the package look them up here
 (``engine.run_traced``, ``from connect_tp.engine import X``): the tests replace
 ``connect_tp.engine.run_traced`` to count the passes of the importance and connectivity routes.
-This package uses torch and ``torch.fx``; the appendix-B views import ``ChannelScaler`` and
-``normalized_abs`` from :mod:`connect_tp.regularizer` when they run (that package imports this
-package). :mod:`connect_tp.connectivity` builds the signal view's inputs and checks its result.
+This package uses torch and ``torch.fx``; the appendix-B views take ``ChannelScaler`` and
+``normalized_abs`` from :mod:`connect_tp.edges`, a module below both this package and
+:mod:`connect_tp.regularizer` (which imports this package). :mod:`connect_tp.connectivity` builds
+the signal view's inputs and checks its result.
 """
 from . import appendix_b as _appendix_b, scaled as _scaled, trace as _tracing, views as _views
 from .appendix_b import AppendixBGraph, LeafTracer, UnsupportedModuleError

@@ -5,8 +5,8 @@ The rules for every module and function of appendix B (``appendix_b_module_kind`
 handler modules (:class:`LeafTracer`), the node policy :class:`_AppendixBPass` (a subclass of the
 engine's :class:`~connect_tp.engine.views._Pass`) and :class:`AppendixBGraph`, which runs
 :func:`~connect_tp.engine.views.run_traced` with its edge map. Uses torch, ``torch.fx``, the rest
-of the engine, and ``ChannelScaler`` / ``normalized_abs`` from :mod:`connect_tp.regularizer` when
-they run (that package imports the engine).
+of the engine, and ``ChannelScaler`` / ``normalized_abs`` from :mod:`connect_tp.edges` (a module
+below both the engine and the regularizer, so the engine never imports the regularizer).
 """
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..edges import ChannelScaler, normalized_abs
 from .scaled import Binarize, Scaled, _aligned, _any_scaled, _scaled_in
 from .trace import CONV_TYPES
 from .views import APPENDIX_B_VIEWS, _ADD, _DIV, _MAX_TO_AVG, _MUL, _Pass, run_traced
@@ -36,8 +37,6 @@ class UnsupportedModuleError(TypeError):
 
 
 def _channel_scaler_type() -> type:
-    # imported on use: connect_tp.regularizer imports the engine
-    from ..regularizer.channel_scaler import ChannelScaler
     return ChannelScaler
 
 
@@ -372,7 +371,6 @@ class AppendixBGraph:
     def edges(self, view: str = "normalized") -> Dict[str, torch.Tensor]:
         """The edge map of a view by layer: ``theta`` (differentiable in the weights) or 0/1 leaves
         ``W != 0`` that require grad."""
-        from ..regularizer.flow import normalized_abs
         for name, (_, p) in self._edge_parameters().items():
             if not bool(torch.isfinite(p.detach()).all()):  # would surface later as a vague overflow
                 raise FloatingPointError(f"layer {name!r} has non-finite weights (NaN or inf): the connectivity "

@@ -6,8 +6,8 @@ ResNet-110. :func:`mlp_log_connectivity` therefore rescales the flow after every
 sum and carries the logarithm of the (detached) scale, which gives the exact ``log phi_tot`` and
 exact gradients at any depth, batched over many small MLPs. Models in general go through the
 connectivity engine (:mod:`connect_tp.engine`, views ``"normalized"`` and ``"effective"``), which
-uses :func:`normalized_abs` as its edge map; ``Binarize`` now lives there and is re-exported here.
-This module uses torch (and the engine only for that re-export).
+uses :func:`normalized_abs` as its edge map. :func:`normalized_abs` lives in :mod:`connect_tp.edges`
+and ``Binarize`` in the engine; both are re-exported here.
 """
 from __future__ import annotations
 
@@ -15,24 +15,10 @@ from typing import Sequence
 
 import torch
 
-from ..engine import Binarize  # noqa: F401  (moved to the engine; kept importable here)
+from ..edges import normalized_abs
+from ..engine import Binarize  # noqa: F401  (lives in the engine; kept importable here)
 
 __all__ = ["Binarize", "mlp_log_connectivity", "normalized_abs"]
-
-
-def normalized_abs(weight: torch.Tensor, batch_dims: int = 0) -> torch.Tensor:
-    """Equation (2) of the paper: ``|W| / sum |W|`` over one layer.
-
-    Args:
-        weight: a layer's weight tensor, optionally with ``batch_dims`` leading dimensions that
-            index independent networks (each is normalized on its own).
-        batch_dims: number of leading batch dimensions.
-
-    An all-zero layer gives all-zero ``theta`` (a disconnected layer), not NaN.
-    """
-    a = weight.abs()
-    total = a.flatten(batch_dims).sum(-1).view(a.shape[:batch_dims] + (1,) * (a.dim() - batch_dims))
-    return a / total.clamp_min(torch.finfo(a.dtype).tiny)
 
 
 def mlp_log_connectivity(weights: Sequence[torch.Tensor], normalize: bool = True) -> torch.Tensor:
