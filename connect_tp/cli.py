@@ -30,7 +30,7 @@ import time
 from typing import Any, Callable, List, Optional
 
 from .pipeline.config import FT_SCHEDULES, PRESETS, ConfigError, check_speed_up, resolve_config
-from .pipeline.methods import PRUNING_METHODS, parse_method
+from .methods import PRUNING_METHODS, parse_method
 
 __all__ = ["build_parser", "main"]
 
@@ -238,7 +238,7 @@ class _Session:
 
 def _cmd_table(args: argparse.Namespace, argv: List[str], session: _Session) -> None:
     from .pipeline.console import note
-    from .pipeline.files import check_output_folder
+    from .files import check_output_folder
     from .pipeline.lock import RunLock
     from .pipeline.table import stage_table
 
@@ -250,7 +250,7 @@ def _cmd_table(args: argparse.Namespace, argv: List[str], session: _Session) -> 
 def _cmd_run_stages(args: argparse.Namespace, argv: List[str], session: _Session) -> None:
     cfg = _config(args)  # every value checked before anything is created
     from .pipeline.console import note
-    from .pipeline.files import check_output_folder
+    from .files import check_output_folder
     from .pipeline.lock import RunLock
     from .pipeline.rundir import RunFolder
 
@@ -353,7 +353,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 def _known_errors() -> tuple:
     """Error types that end a command with one ``error:`` line (anything else is a bug: traceback)."""
-    from .pipeline.files import CheckpointError
+    from .files import CheckpointError
     from .pipeline.lock import LockError
     from .pipeline.provenance import ProvenanceError
 

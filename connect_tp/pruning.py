@@ -46,7 +46,7 @@ import torch_pruning as tp
 from tqdm.auto import tqdm
 
 # Method names are parsed without torch (the command line checks them before importing it).
-from .pipeline.methods import GRADIENT_METHODS, PRUNING_METHODS, connect_options, normalizer_of, parse_method
+from .methods import GRADIENT_METHODS, PRUNING_METHODS, connect_options, normalizer_of, parse_method
 
 __all__ = [
     "PRUNING_METHODS", "GRADIENT_METHODS", "UniformRandomImportance", "parse_method", "connect_options",

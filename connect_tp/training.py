@@ -39,9 +39,8 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, Subset
 from tqdm.auto import tqdm
 
-# The file helpers live with the run folder; re-exported here, where they were first defined.
-from .pipeline.files import (CheckpointError, atomic_save, atomic_write, atomic_write_json, load_checkpoint,
-                             read_json)
+# The file helpers live in connect_tp.files; re-exported here, where they were first defined.
+from .files import CheckpointError, atomic_save, atomic_write, atomic_write_json, load_checkpoint, read_json
 
 __all__ = [
     "CheckpointError", "DistributedContext", "init_distributed", "cleanup_distributed",

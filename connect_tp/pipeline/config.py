@@ -23,7 +23,7 @@ import math
 import os
 from typing import Any, Dict, List, Optional
 
-from .methods import parse_method
+from ..methods import parse_method
 
 __all__ = ["PRESETS", "ConfigError", "default_out", "resolve_config", "train_config", "prune_config",
            "finetune_config", "short_finetune_config", "check_speed_up", "check_positive_int"]
@@ -204,7 +204,7 @@ def _connect_defaults(method: str, lam: Optional[float]) -> Dict[str, Any]:
     """The library defaults a ``connect`` name leaves open, so that a changed default is a changed config.
 
     A name with a strength fixes its BatchNorm treatment too
-    (:func:`connect_tp.pipeline.methods.connect_options`), so only plain ``connect`` records the
+    (:func:`connect_tp.methods.connect_options`), so only plain ``connect`` records the
     default treatment; a name without a strength (plain, or ``connect-bn<flow>``) and without
     ``--connect-lam`` records the default balance. Both defaults moved in stop 15 (balance inf ->
     100, BatchNorm "stats" -> "gamma"): a folder pruned under the old ones is refused (``--force``

@@ -13,7 +13,7 @@ Layout of a run folder (``--out``, default ``runs/<preset>/seed<seed>``)::
 last line of a stage and the message after Ctrl-C), and updates result files by merging with what
 is on disk at write time, never by writing back a copy read minutes earlier.
 :func:`validate_result` and :func:`validate_base` turn a result of the wrong shape into a
-:class:`~connect_tp.pipeline.files.ResultError` that names the file.
+:class:`~connect_tp.files.ResultError` that names the file.
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ import numbers
 import os
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
-from .files import ResultError, atomic_write_json, read_json, sha256_file
+from ..files import ResultError, atomic_write_json, read_json, sha256_file
 from .provenance import ProvenanceError, short_hash
 
 __all__ = ["RunFolder", "tag", "validate_result", "validate_base", "FINETUNE_KEYS", "SHORT_FINETUNE_KEYS"]

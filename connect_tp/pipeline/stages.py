@@ -31,7 +31,7 @@ from ..training import (DistributedContext, evaluate, fit, load_model_checkpoint
                         set_seed, short_finetune)
 from .config import finetune_config, prune_config, short_finetune_config, train_config
 from .console import note, say
-from .files import CheckpointError, load_checkpoint, sha256_file
+from ..files import CheckpointError, load_checkpoint, sha256_file
 from .provenance import (ProvenanceError, check_fingerprint, check_legacy_fields, describe_differences, fingerprint,
                          normalize, short_hash)
 from .rundir import RunFolder, tag

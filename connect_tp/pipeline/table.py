@@ -18,7 +18,7 @@ import statistics
 from typing import Any, Dict, List, Optional, Tuple
 
 from .console import say
-from .files import CheckpointError, atomic_write, atomic_write_json, read_json
+from ..files import CheckpointError, atomic_write, atomic_write_json, read_json
 from .provenance import ProvenanceError
 from .rundir import validate_base, validate_result
 
