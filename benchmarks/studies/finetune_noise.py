@@ -8,9 +8,9 @@ ranking protocol's 400-step global loop), then fine-tunes each snapshot for one 
 data orders (``--orders``), once with the constant rate (``step``) and once with a per-batch cosine
 to 0 (``cosine``), and reports mean ± std over the orders.
 
-    python -m benchmarks.finetune_noise --threads 1                        # l2 at 8x and 16x, 3 orders
-    python -m benchmarks.finetune_noise --threads 1 --resume               # continue an interrupted run
-    python -m benchmarks.finetune_noise --base runs/ranking-cpu/seed1/base/base.pt --pruned-dir 'runs/ranking-cpu/seed1/{method}' \
+    python -m benchmarks.studies.finetune_noise --threads 1                        # l2 at 8x and 16x, 3 orders
+    python -m benchmarks.studies.finetune_noise --threads 1 --resume               # continue an interrupted run
+    python -m benchmarks.studies.finetune_noise --base runs/ranking-cpu/seed1/base/base.pt --pruned-dir 'runs/ranking-cpu/seed1/{method}' \
         --methods l1 --schedules cosine --orders 1 11 21 --out OUT      # another seed's saved snapshots
 
 Results: ``benchmarks/results/finetune_noise/{results.json,table.md}``; every finished fine-tuning

@@ -9,7 +9,7 @@ normalization that dominates the raw number), and after one epoch of fine-tuning
 per lambda, so an interrupted sweep resumes where it stopped) and a markdown table.
 
 Usage:
-    python -m benchmarks.lambda_sweep [--lams 0 1e-3 1e-2 1e-1 1 10] [--targets 2.5 8]
+    python -m benchmarks.studies.lambda_sweep [--lams 0 1e-3 1e-2 1e-1 1 10] [--targets 2.5 8]
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ from connect_tp.pruning import calibration_batches, progressive_prune, recalibra
 from connect_tp.training import (atomic_write, atomic_write_json, evaluate, fit, load_model_checkpoint,
                                  make_loader, read_json, save_model_checkpoint, set_seed)
 
-OUT = os.path.join(os.path.dirname(__file__), "results", "lambda_sweep")
+OUT = os.path.join(os.path.dirname(os.path.dirname(__file__)), "results", "lambda_sweep")
 
 
 def base_model(args, train_set, test_set):

@@ -1,10 +1,10 @@
-"""The knob checks of benchmarks/blend_knobs.py: rank agreement and per-layer Taylor masses."""
+"""The knob checks of benchmarks/studies/blend_knobs.py: rank agreement and per-layer Taylor masses."""
 import math
 
 import pytest
 import torch
 
-from benchmarks import blend_knobs
+from benchmarks.studies import blend_knobs
 from connect_tp.models import resnet20
 from connect_tp.training import save_model_checkpoint
 

@@ -20,8 +20,8 @@ ranking shows in the kappa each layer gets from the global lambda, ``lam * C_l /
 ``sum |W * d log phi_tot / dW|``, on the protocol's 256-image set): if every layer's kappa lies where
 the ranking no longer moves with kappa, a per-layer balance cannot move it either.
 
-    python -m benchmarks.blend_knobs --threads 1 --data-dir /usr/share/datasets/fashion-mnist
-    python -m benchmarks.blend_knobs --threads 1 --resume ...    # continue an interrupted run
+    python -m benchmarks.studies.blend_knobs --threads 1 --data-dir /usr/share/datasets/fashion-mnist
+    python -m benchmarks.studies.blend_knobs --threads 1 --resume ...    # continue an interrupted run
 
 Results: ``benchmarks/results/blend_knobs/{results.json,table.md}``; each (kappa, set) is written
 as it finishes (the per-layer masses last) and ``--resume`` skips those present (without it an existing file is refused).

@@ -1,7 +1,7 @@
-"""benchmarks/normalizer_allocation.py: stage widths, its table and bad --configs."""
+"""benchmarks/studies/normalizer_allocation.py: stage widths, its table and bad --configs."""
 import pytest
 
-from benchmarks import normalizer_allocation as na
+from benchmarks.studies import normalizer_allocation as na
 from connect_tp.models import resnet20
 from connect_tp.pruning import build_importance, progressive_prune
 from tests.test_pruning import EXAMPLE, _model

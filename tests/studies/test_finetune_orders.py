@@ -1,9 +1,9 @@
-"""benchmarks/finetune_orders.py pairs two methods over seeds and data orders from both kinds of results."""
+"""benchmarks/studies/finetune_orders.py pairs two methods over seeds and data orders from both kinds of results."""
 import json
 
 import pytest
 
-from benchmarks import finetune_orders
+from benchmarks.studies import finetune_orders
 
 
 def _noise_results(folder, runs):

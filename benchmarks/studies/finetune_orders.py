@@ -2,7 +2,7 @@
 
 The ranking benchmark fine-tunes each pruned snapshot once, with the data order of its seed, so a
 paired difference over three seeds mixes the criterion with the fine-tuning epoch's own noise.
-``benchmarks/finetune_noise.py --pruned-dir`` fine-tunes the same saved snapshots with more data
+``benchmarks/studies/finetune_noise.py --pruned-dir`` fine-tunes the same saved snapshots with more data
 orders; this script pairs two methods on every (seed, order, target) they share, reading
 
 - ``--runs S:DIR``: a ``finetune_noise`` output folder for seed S (its ``results.json``), and
@@ -12,7 +12,7 @@ orders; this script pairs two methods on every (seed, order, target) they share,
 and writes the per-seed differences, their mean ± std over all pairs and over the seeds' means, and
 each method's accuracy over seeds and orders.
 
-    python -m benchmarks.finetune_orders connect-k100-bngamma l1 --schedule cosine \\
+    python -m benchmarks.studies.finetune_orders connect-k100-bngamma l1 --schedule cosine \\
         --runs 0:benchmarks/results/finetune_orders/seed0 1:benchmarks/results/finetune_orders/seed1 \\
                2:benchmarks/results/finetune_orders/seed2 --ranking benchmarks/results/ranking-cosine \\
         --out benchmarks/results/finetune_orders

@@ -2,13 +2,13 @@
 
 The ranking benchmark fine-tunes each snapshot for one epoch at a constant rate, whose end point is
 noisy: three data orders of one L2-pruned 16x model ended at 74.9, 74.2 and 61.6 %. Decaying the
-rate to 0 within the epoch cut that spread to +-2.3 (``benchmarks/finetune_noise.py``). Pruning is
+rate to 0 within the epoch cut that spread to +-2.3 (``benchmarks/studies/finetune_noise.py``). Pruning is
 the expensive part of a seed (8-12 min a method) and does not depend on fine-tuning, so this
 script copies finished ranking folders (base model, pruned snapshots, their results) into a new
 root, clears the copies' fine-tuning numbers, and runs only the fine-tuning stage again with
 ``--ft-schedule cosine``::
 
-    python -m benchmarks.ranking_refinetune --sources runs/ranking/seed0 runs/ranking-cpu/seed1/* \\
+    python -m benchmarks.studies.ranking_refinetune --sources runs/ranking/seed0 runs/ranking-cpu/seed1/* \\
         --methods l2 taylor connect-k100 connect-kinf --root runs/ranking-cosine-cpu \\
         --data-dir /usr/share/datasets/fashion-mnist --workers 2
     python -m benchmarks.ranking --summarize runs/ranking-cosine-cpu/seed*/* --output benchmarks/results/ranking-cosine

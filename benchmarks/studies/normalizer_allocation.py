@@ -16,13 +16,13 @@ scores sum to about 1 (the network is homogeneous in each layer's weights), so
 
 The script prunes a committed ranking base model with connectivity alone (``balance=inf``,
 ``bn_flow="gamma"``; data-free, so each trajectory takes seconds; at the default kappa = 100 the
-ranking matches it, ``benchmarks/blend_knobs.py``) along the ranking protocol's 400-step global loop,
+ranking matches it, ``benchmarks/studies/blend_knobs.py``) along the ranking protocol's 400-step global loop,
 and fine-tunes the 8x and 16x snapshots for one epoch with the rate decayed to 0 (the
 ``ranking-cosine`` fine-tuning; data order = ``--ft-seed``).
 
-    python -m benchmarks.normalizer_allocation --seeds 0 --configs mean/mean mean/sum sum/none \\
+    python -m benchmarks.studies.normalizer_allocation --seeds 0 --configs mean/mean mean/sum sum/none \\
         --threads 1 --data-dir /usr/share/datasets/fashion-mnist
-    python -m benchmarks.normalizer_allocation --seeds 1 --configs sum/none --resume ...
+    python -m benchmarks.studies.normalizer_allocation --seeds 1 --configs sum/none --resume ...
 
 Results: ``benchmarks/results/normalizer_allocation/{results.json,table.md}``, one entry per
 (seed, config, target) written as it finishes; ``--resume`` skips those present (without it an

@@ -1,7 +1,7 @@
-"""benchmarks/finetune_noise.py --pruned-dir: a saved snapshot is used only with the base it came from."""
+"""benchmarks/studies/finetune_noise.py --pruned-dir: a saved snapshot is used only with the base it came from."""
 import pytest
 
-from benchmarks import finetune_noise
+from benchmarks.studies import finetune_noise
 from connect_tp.models import resnet20
 from connect_tp.pipeline.files import sha256_file
 from connect_tp.training import save_model_checkpoint
