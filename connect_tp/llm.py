@@ -51,14 +51,16 @@ Example:
 """
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
 import re
 import resource
 import warnings
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from typing import Any, Dict, Iterable, List, Optional, Sequence
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -88,6 +90,8 @@ __all__ = [
 
 #: Key in ``config.json`` holding the per-layer shapes of a pruned model.
 LAYER_SHAPES_KEY = "connect_tp_layer_shapes"
+#: Key in ``config.json`` holding, per layer, the projections' sizes and attributes the modeling file rebuilds.
+LAYER_MODULES_KEY = "connect_tp_layer_modules"
 _MODELING_FILE = "modeling_connect_pruned.py"
 
 
@@ -186,42 +190,153 @@ def perplexity(model: nn.Module, token_ids: torch.Tensor, seq_len: int = 128, ba
 
 
 # ---------------------------------------------------------------------------------------- structure
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The decoder layers of a LLaMA-family causal LM (``model.model.layers``)."""
-    inner = getattr(model, "model", model)
-    layers = getattr(inner, "layers", None)
+@dataclass(frozen=True)
+class _Family:
+    """Where the prunable projections of one decoder family live, relative to a decoder layer.
+
+    ``q``/``k``/``v`` are separate projections; ``qkv`` is one fused projection whose output rows are
+    the query heads, then the key heads, then the value heads. ``up`` are the projections whose output
+    rows are the MLP channels (gate and up of a gated MLP, ``fc1`` of a plain one); ``gate_up`` is a
+    fused gated projection (gate rows, then up rows); ``down`` takes the channels back to the hidden
+    size.
+    """
+
+    name: str
+    examples: str
+    layers: str
+    attn: str
+    o: str
+    down: str
+    q: Optional[str] = None
+    k: Optional[str] = None
+    v: Optional[str] = None
+    qkv: Optional[str] = None
+    up: Tuple[str, ...] = ()
+    gate_up: Optional[str] = None
+    mlp: Optional[str] = None
+
+    def projections(self) -> List[str]:
+        names = [self.q, self.k, self.v, self.qkv, self.o, *self.up, self.gate_up, self.down]
+        return [n for n in names if n]
+
+    def describe(self) -> str:
+        return f"{self.examples} ({self.layers}[i] with {', '.join(self.projections())})"
+
+
+#: The decoder families :class:`LLMBlockPruner` knows, tried in this order.
+FAMILIES: Tuple[_Family, ...] = (
+    _Family("llama", "LLaMA, Qwen2, Qwen3, Mistral, Gemma", "model.layers", attn="self_attn",
+            q="self_attn.q_proj", k="self_attn.k_proj", v="self_attn.v_proj", o="self_attn.o_proj",
+            up=("mlp.gate_proj", "mlp.up_proj"), down="mlp.down_proj", mlp="mlp"),
+    _Family("phi3", "Phi-3, Phi-3.5", "model.layers", attn="self_attn", qkv="self_attn.qkv_proj",
+            o="self_attn.o_proj", gate_up="mlp.gate_up_proj", down="mlp.down_proj", mlp="mlp"),
+    _Family("gpt2", "GPT-2", "transformer.h", attn="attn", qkv="attn.c_attn", o="attn.c_proj",
+            up=("mlp.c_fc",), down="mlp.c_proj", mlp="mlp"),
+    _Family("opt", "OPT", "model.decoder.layers", attn="self_attn", q="self_attn.q_proj",
+            k="self_attn.k_proj", v="self_attn.v_proj", o="self_attn.out_proj", up=("fc1",), down="fc2"),
+)
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    """Hugging Face's ``Conv1D`` (GPT-2): a linear layer whose weight is stored as (in, out)."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and getattr(module, "weight", None) is not None
+
+
+def _is_projection(module: Any) -> bool:
+    return isinstance(module, nn.Linear) or (isinstance(module, nn.Module) and _is_conv1d(module))
+
+
+def _in_features(module: nn.Module) -> int:
+    return module.weight.shape[0] if _is_conv1d(module) else module.in_features
+
+
+def _out_features(module: nn.Module) -> int:
+    return module.weight.shape[1] if _is_conv1d(module) else module.out_features
+
+
+def _submodule(root: nn.Module, path: str) -> Optional[nn.Module]:
+    try:
+        return root.get_submodule(path)
+    except AttributeError:
+        return None
+
+
+def _missing(model: nn.Module, family: _Family) -> Optional[str]:
+    """What ``model`` lacks to be of ``family`` (``None``: nothing)."""
+    layers = _submodule(model, family.layers)
     if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
-        raise TypeError(
-            f"{type(model).__name__} has no model.layers: only LLaMA-family decoders "
-            "(LLaMA, Qwen2, Mistral, ...) with self_attn.{q,k,v,o}_proj and mlp.{gate,up,down}_proj are supported"
-        )
+        return f"no {family.layers}"
     for i, layer in enumerate(layers):
-        attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
-        names = ("q_proj", "k_proj", "v_proj", "o_proj")
-        if attn is None or mlp is None or not all(isinstance(getattr(attn, n, None), nn.Linear) for n in names) \
-                or not all(isinstance(getattr(mlp, n, None), nn.Linear) for n in ("gate_proj", "up_proj", "down_proj")):
-            raise TypeError(
-                f"layer {i} of {type(model).__name__} is not a LLaMA-style decoder layer "
-                "(separate q/k/v/o projections and a gated MLP); fused qkv or gate_up projections are not supported"
-            )
-    return layers
+        for path in family.projections():
+            if not _is_projection(_submodule(layer, path)):
+                return f"{family.layers}[{i}] has no {path} (nn.Linear)"
+    return None
 
 
-def llm_pruner_layers(num_layers: int, keep_first: int = 3, keep_last: int = 1) -> range:
+def model_family(model: nn.Module) -> _Family:
+    """The decoder family of a causal LM (one of :data:`FAMILIES`).
+
+    Raises:
+        TypeError: the model is of none of them; the message lists the supported families and says
+            what the closest one misses.
+    """
+    misses = []
+    for family in FAMILIES:
+        missing = _missing(model, family)
+        if missing is None:
+            return family
+        misses.append((not missing.startswith("no "), family, missing))
+    close = [(family, missing) for found_layers, family, missing in misses if found_layers]
+    detail = "; ".join(f"as {family.name}: {missing}" for family, missing in close) or \
+        "; ".join(sorted({missing for _, _, missing in misses}))
+    supported = "; ".join(family.describe() for family in FAMILIES)
+    raise TypeError(
+        f"{type(model).__name__} is not a supported decoder ({detail}). Supported families: {supported}. "
+        "Other architectures (GPT-NeoX/Pythia, Falcon, ...) can be pruned with Torch-Pruning's own "
+        "MetaPruner and ConnectImportance (docs/llm.md)")
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder layers of a supported causal LM (``model.layers``, ``transformer.h``, ``model.decoder.layers``)."""
+    return model.get_submodule(model_family(model).layers)
+
+
+#: LLM-Pruner's layer range on LLaMA-7B: the first three layers and the final one are kept.
+KEEP_FIRST, KEEP_LAST = 3, 1
+
+
+def llm_pruner_layers(num_layers: int, keep_first: Optional[int] = None, keep_last: Optional[int] = None) -> range:
     """Indices of the layers LLM-Pruner prunes: all but the first ``keep_first`` and last ``keep_last``.
 
     The paper (appendix C.4) keeps the first three layers and the final layer of LLaMA-7B unchanged.
+    Left out, ``keep_first`` and ``keep_last`` are 3 and 1 when the model has at least 7 layers; a
+    shallower model keeps its first ``max(1, (n - 1) // 2)`` layers and its last one (the last
+    only from 3 layers on), so that about half of a small model is pruned: 4 layers prune layers 1
+    and 2, 2 layers prune layer 1, and a single layer is pruned itself.
 
     Example:
         >>> list(llm_pruner_layers(8))
         [3, 4, 5, 6]
+        >>> list(llm_pruner_layers(4))
+        [1, 2]
+
+    Raises:
+        ValueError: the given ``keep_first``/``keep_last`` leave no layer to prune; the message
+            names the arguments to change.
     """
+    if num_layers < 1:
+        raise ValueError(f"num_layers must be >= 1, got {num_layers}")
+    if keep_last is None:
+        keep_last = KEEP_LAST if num_layers >= 3 else 0
+    if keep_first is None:
+        keep_first = 0 if num_layers == 1 else min(KEEP_FIRST, max(1, (num_layers - 1) // 2))
     if keep_first < 0 or keep_last < 0:
         raise ValueError("keep_first and keep_last must be >= 0")
     if keep_first + keep_last >= num_layers:
         raise ValueError(
-            f"keeping the first {keep_first} and last {keep_last} of {num_layers} layers leaves none to prune"
-        )
+            f"keeping the first {keep_first} and last {keep_last} of {num_layers} layers leaves none to prune: "
+            f"pass smaller keep_first/keep_last (benchmarks.llm_prune: --keep-first/--keep-last), leave them "
+            f"out to adapt the range to the depth, or give LLMBlockPruner(layers=[...]) explicitly")
     return range(keep_first, num_layers - keep_last)
 
 
@@ -242,46 +357,172 @@ class LayerShape:
     intermediate_size: int
 
 
+def _shape(model: nn.Module, family: _Family, layer: nn.Module) -> Tuple[LayerShape, int]:
+    """A layer's shape read from its weights, and its head dimension."""
+    attn = layer.get_submodule(family.attn)
+    hd = _head_dim(model, attn)
+    n_q = _in_features(layer.get_submodule(family.o)) // hd  # the output projection reads every query head
+    if family.qkv is None:
+        n_kv = _out_features(layer.get_submodule(family.k)) // hd
+    else:  # query rows, then key rows and value rows of n_kv heads each
+        n_kv = (_out_features(layer.get_submodule(family.qkv)) // hd - n_q) // 2
+    if family.gate_up is not None:
+        inter = _out_features(layer.get_submodule(family.gate_up)) // 2
+    else:
+        inter = _out_features(layer.get_submodule(family.up[0]))
+    return LayerShape(n_q, n_kv, inter), hd
+
+
 def layer_shapes(model: nn.Module) -> List[LayerShape]:
     """The actual shape of every decoder layer, read from its weights (not from the config)."""
-    shapes = []
-    for layer in decoder_layers(model):
-        attn, mlp = layer.self_attn, layer.mlp
-        hd = _head_dim(model, attn)
-        shapes.append(LayerShape(attn.q_proj.out_features // hd, attn.k_proj.out_features // hd,
-                                 mlp.gate_proj.out_features))
-    return shapes
+    family = model_family(model)
+    return [_shape(model, family, layer)[0] for layer in model.get_submodule(family.layers)]
+
+
+class _LayerConfig:
+    """A decoder layer's view of the model config with its own head count (Phi-3 reads it at run time).
+
+    Everything else is read through to the model's config, so later changes to it (attention
+    implementation, ``use_cache``) still reach the layer.
+    """
+
+    def __init__(self, base: Any, **overrides: Any):
+        self.__dict__["_base"] = base
+        self.__dict__["_overrides"] = dict(overrides)
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__") or name in ("_base", "_overrides"):
+            raise AttributeError(name)
+        overrides = self.__dict__.get("_overrides", {})
+        if name in overrides:
+            return overrides[name]
+        return getattr(self.__dict__["_base"], name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in self._overrides:
+            self._overrides[name] = value
+        else:
+            setattr(self._base, name, value)
+
+
+def _base_config(config: Any) -> Any:
+    return config.__dict__["_base"] if isinstance(config, _LayerConfig) else config
+
+
+#: Per family: the attributes of a layer that must follow its shape (``path``: value from the shape).
+def _layer_attributes(family: _Family, shape: LayerShape, hd: int) -> Dict[str, int]:
+    a = family.attn
+    if family.name == "llama":
+        return {f"{a}.num_key_value_groups": shape.num_attention_heads // shape.num_key_value_heads,
+                f"{a}.num_heads": shape.num_attention_heads, f"{a}.num_key_value_heads": shape.num_key_value_heads,
+                "mlp.intermediate_size": shape.intermediate_size}
+    if family.name == "phi3":
+        return {f"{a}.num_key_value_groups": shape.num_attention_heads // shape.num_key_value_heads,
+                f"{a}.num_key_value_heads": shape.num_key_value_heads}
+    if family.name == "gpt2":  # c_attn's output is split into q, k, v of split_size each
+        return {f"{a}.num_heads": shape.num_attention_heads, f"{a}.split_size": shape.num_attention_heads * hd}
+    return {f"{a}.num_heads": shape.num_attention_heads}  # opt
+
+
+def _config_updates(family: _Family, shape: LayerShape, hd: int) -> Dict[str, int]:
+    """Config entries that describe layers of ``shape`` (checked against a fresh model before use)."""
+    if family.name in ("llama", "phi3"):
+        return {"num_attention_heads": shape.num_attention_heads, "num_key_value_heads": shape.num_key_value_heads,
+                "intermediate_size": shape.intermediate_size, "head_dim": hd}
+    if family.name == "gpt2":
+        return {"n_head": shape.num_attention_heads, "n_inner": shape.intermediate_size}
+    return {"num_attention_heads": shape.num_attention_heads, "ffn_dim": shape.intermediate_size}  # opt
+
+
+def _set_path(layer: nn.Module, path: str, value: Any, only_existing: bool = True) -> None:
+    owner_path, _, name = path.rpartition(".")
+    owner = _submodule(layer, owner_path) if owner_path else layer
+    if owner is not None and (hasattr(owner, name) or not only_existing):
+        setattr(owner, name, value)
+
+
+def _base_class(model: nn.Module) -> type:
+    cls = type(model)
+    return cls.__mro__[1] if cls.__name__ == "ConnectPrunedForCausalLM" else cls
+
+
+def _plain_config_fits(model: nn.Module, updates: Dict[str, Any]) -> bool:
+    """Whether the architecture's own class, built from the config with ``updates``, has the model's shapes.
+
+    Built on the meta device (no memory, no initialization cost), so what a plain
+    ``from_pretrained`` would build is compared with the weights, not assumed.
+    """
+    config = copy.deepcopy(_base_config(model.config))
+    for key in (LAYER_SHAPES_KEY, LAYER_MODULES_KEY, "auto_map"):
+        if hasattr(config, key):
+            delattr(config, key)
+    for key, value in updates.items():
+        setattr(config, key, value)
+    try:
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            fresh = _base_class(model)(config)
+    except Exception:  # the config cannot describe it (e.g. GPT-2: head size = hidden size / heads)
+        return False
+    want = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    have = {name: tuple(t.shape) for name, t in fresh.state_dict().items()}
+    return want == have
 
 
 def _sync_layer_attributes(model: nn.Module) -> None:
-    """Make modules and config describe the weights after pruning (heads per KV group, MLP width).
+    """Make modules and config describe the weights after pruning (heads, key/value groups, MLP width).
 
-    The attention forward infers the number of heads from the projection size; only the repeat
-    factor of grouped-query attention is an attribute. Config entries that used to describe every
-    layer stay as they were (the unpruned layers); the per-layer truth goes to
-    ``config.connect_tp_layer_shapes``.
+    The attention forwards infer most sizes from the projections; what they read from attributes
+    (the repeat factor of grouped-query attention, GPT-2's ``split_size``, OPT's ``num_heads``,
+    Phi-3's head count in the config) is set per layer. When every layer has the same shape and the
+    architecture's own config can describe it (checked by building the class on the meta device),
+    the config is updated and the model saves as the plain architecture; otherwise the config keeps
+    describing the unpruned layers and the per-layer truth goes to ``config.connect_tp_layer_shapes``
+    (and, for :func:`save_pruned`'s modeling file, ``config.connect_tp_layer_modules``).
     """
-    shapes = layer_shapes(model)
-    for layer, shape in zip(decoder_layers(model), shapes):
-        attn, mlp = layer.self_attn, layer.mlp
-        attn.num_key_value_groups = shape.num_attention_heads // shape.num_key_value_heads
-        for name, value in (("num_heads", shape.num_attention_heads),
-                            ("num_key_value_heads", shape.num_key_value_heads)):
-            if hasattr(attn, name):
-                setattr(attn, name, value)
-        if hasattr(mlp, "intermediate_size"):
-            mlp.intermediate_size = shape.intermediate_size
-    config = model.config
-    config.head_dim = _head_dim(model, decoder_layers(model)[0].self_attn)
+    family = model_family(model)
+    layers = model.get_submodule(family.layers)
+    config = _base_config(model.config)
+    measured = [_shape(model, family, layer) for layer in layers]
+    shapes = [s for s, _ in measured]
+    hd = measured[0][1]
     uniform = all(s == shapes[0] for s in shapes)
-    if uniform:
-        config.num_attention_heads = shapes[0].num_attention_heads
-        config.num_key_value_heads = shapes[0].num_key_value_heads
-        config.intermediate_size = shapes[0].intermediate_size
-        if hasattr(config, LAYER_SHAPES_KEY):
-            delattr(config, LAYER_SHAPES_KEY)
-    else:
+    updates = _config_updates(family, shapes[0], hd)
+    plain = uniform and _plain_config_fits(model, updates)
+    if plain:
+        for key, value in updates.items():
+            setattr(config, key, value)
+    elif family.name in ("llama", "phi3"):
+        config.head_dim = hd  # the attention modules and the rotary embedding read it
+    for key in (LAYER_SHAPES_KEY, LAYER_MODULES_KEY):
+        if hasattr(config, key):
+            delattr(config, key)
+    specs = []
+    for layer, (shape, layer_hd) in zip(layers, measured):
+        attributes = _layer_attributes(family, shape, layer_hd)
+        for path, value in attributes.items():
+            _set_path(layer, path, value)
+        if family.name == "phi3":  # Phi-3 splits q|k|v with config.num_attention_heads at run time
+            attn = layer.get_submodule(family.attn)
+            heads = shape.num_attention_heads
+            attn.config = config if heads == config.num_attention_heads else _LayerConfig(config, num_attention_heads=heads)
+        modules = {}
+        for path in family.projections():
+            m = layer.get_submodule(path)
+            modules[path] = {"type": "Conv1D" if _is_conv1d(m) else "Linear", "in": _in_features(m),
+                             "out": _out_features(m), "bias": getattr(m, "bias", None) is not None}
+        specs.append({"modules": modules,
+                      "attributes": {p: v for p, v in attributes.items() if _submodule_has(layer, p)},
+                      "config": {"num_attention_heads": shape.num_attention_heads} if family.name == "phi3" else {}})
+    if not plain:
         setattr(config, LAYER_SHAPES_KEY, [asdict(s) for s in shapes])
+        setattr(config, LAYER_MODULES_KEY, {"layers": family.layers, "attention": family.attn, "specs": specs})
+
+
+def _submodule_has(layer: nn.Module, path: str) -> bool:
+    owner_path, _, name = path.rpartition(".")
+    owner = _submodule(layer, owner_path) if owner_path else layer
+    return owner is not None and hasattr(owner, name)
 
 
 # ---------------------------------------------------------------------------------------- groups
@@ -292,13 +533,20 @@ class _ModelGraph:
         self.model = model
 
 
-def _group(model: nn.Module, members: Sequence[tuple], idxs: List[int], names: Dict[nn.Module, str]) -> Group:
-    """A Torch-Pruning Group whose members are (module, pruning function) pairs on the same indices."""
+def _group(model: nn.Module, members: Sequence[tuple], n: int, names: Dict[nn.Module, str]) -> Group:
+    """A Torch-Pruning Group over ``n`` coupled units.
+
+    ``members`` are ``(module, pruning function, offset)``: the unit ``i`` is row/column
+    ``offset + i`` of that module (a fused projection appears once per part it holds, e.g. the gate
+    and the up rows of Phi-3's ``gate_up_proj``). ``root_idxs`` are the unit indices, which is how
+    Torch-Pruning importances add the parts of a group up.
+    """
     group = Group()
-    for module, fn in members:
+    root = list(range(n))
+    for module, fn, offset in members:
         node = Node(module, grad_fn=None, name=names.get(module))
-        item = GroupItem(dep=Dependency(fn, fn, source=node, target=node), idxs=list(idxs))
-        item.root_idxs = list(idxs)
+        item = GroupItem(dep=Dependency(fn, fn, source=node, target=node), idxs=[offset + i for i in root])
+        item.root_idxs = list(root)
         group._group.append(item)
     group._DG = _ModelGraph(model)
     return group
@@ -316,39 +564,127 @@ class _LayerGroups:
 
 
 def _layer_groups(model: nn.Module, index: int, names: Dict[nn.Module, str]) -> _LayerGroups:
-    layer = decoder_layers(model)[index]
-    attn, mlp = layer.self_attn, layer.mlp
-    hd = _head_dim(model, attn)
-    n_q, n_kv = attn.q_proj.out_features // hd, attn.k_proj.out_features // hd
-    if n_q * hd != attn.q_proj.out_features or n_kv < 1 or n_q % n_kv:
-        raise ValueError(f"layer {index}: q_proj/k_proj sizes are not whole heads of head_dim={hd}")
+    family = model_family(model)
+    layer = model.get_submodule(family.layers)[index]
+    shape, hd = _shape(model, family, layer)
+    n_q, n_kv = shape.num_attention_heads, shape.num_key_value_heads
+    attn_rows = _out_features(layer.get_submodule(family.qkv or family.q))
+    expected = (n_q + 2 * n_kv) * hd if family.qkv else n_q * hd
+    if n_q < 1 or n_kv < 1 or n_q % n_kv or attn_rows != expected:
+        raise ValueError(f"layer {index}: the attention projections are not whole heads of head_dim={hd} "
+                         f"({n_q} query and {n_kv} key/value heads read from the weights)")
+    for path in family.projections():
+        if _is_conv1d(layer.get_submodule(path)):
+            raise TypeError(f"layer {index}: {path} is a Conv1D; LLMBlockPruner scores it as nn.Linear "
+                            "(use LLMBlockPruner.step, which converts it)")
     gqa = n_kv != n_q
     out_fn, in_fn = tp.prune_linear_out_channels, tp.prune_linear_in_channels
-    members = [(attn.q_proj, out_fn)]
-    if not gqa:
-        members += [(attn.k_proj, out_fn), (attn.v_proj, out_fn)]
-    members.append((attn.o_proj, in_fn))
-    heads = _group(model, members, list(range(n_q * hd)), names)
-    channels = list(range(mlp.gate_proj.out_features))
-    mlp_group = _group(model, [(mlp.gate_proj, out_fn), (mlp.up_proj, out_fn), (mlp.down_proj, in_fn)],
-                       channels, names)
+    q_width = n_q * hd
+    if family.qkv is None:
+        members = [(layer.get_submodule(family.q), out_fn, 0)]
+        if not gqa:
+            members += [(layer.get_submodule(family.k), out_fn, 0), (layer.get_submodule(family.v), out_fn, 0)]
+    else:
+        qkv = layer.get_submodule(family.qkv)
+        members = [(qkv, out_fn, 0)]
+        if not gqa:  # head h's key and value rows sit q_width and 2 * q_width further down
+            members += [(qkv, out_fn, q_width), (qkv, out_fn, 2 * q_width)]
+    members.append((layer.get_submodule(family.o), in_fn, 0))
+    heads = _group(model, members, q_width, names)
+    inter = shape.intermediate_size
+    if family.gate_up is not None:
+        gate_up = layer.get_submodule(family.gate_up)
+        mlp_members = [(gate_up, out_fn, 0), (gate_up, out_fn, inter)]
+    else:
+        mlp_members = [(layer.get_submodule(p), out_fn, 0) for p in family.up]
+    mlp_members.append((layer.get_submodule(family.down), in_fn, 0))
+    mlp_group = _group(model, mlp_members, inter, names)
     return _LayerGroups(index, heads, mlp_group, n_q, n_kv, hd, gqa)
 
 
 def _prune_group(group: Group, idxs: List[int]) -> None:
+    """Remove the units ``idxs`` (root indices) from every member, once per module and pruning function."""
+    todo: Dict[tuple, tuple] = {}
     for item in group:
-        item.dep.handler(item.dep.target.module, idxs)
+        module, handler = item.dep.target.module, item.dep.handler
+        local = dict(zip(item.root_idxs, item.idxs))
+        key = (id(module), handler)
+        todo.setdefault(key, (module, handler, set()))[2].update(local[i] for i in idxs)
+    for module, handler, rows in todo.values():
+        handler(module, sorted(rows))
+
+
+def _as_linear(conv: nn.Module) -> nn.Linear:
+    """An ``nn.Linear`` computing what a Hugging Face ``Conv1D`` computes, sharing its weight memory and gradient."""
+    with torch.device("meta"):
+        linear = nn.Linear(conv.weight.shape[0], conv.weight.shape[1], bias=conv.bias is not None)
+    linear.weight = nn.Parameter(conv.weight.detach().t(), requires_grad=conv.weight.requires_grad)
+    if conv.weight.grad is not None:
+        linear.weight.grad = conv.weight.grad.t()
+    if conv.bias is not None:
+        linear.bias = conv.bias
+    return linear
+
+
+def _as_conv1d(linear: nn.Linear, conv_type: type) -> nn.Module:
+    """The ``Conv1D`` holding a (pruned) ``nn.Linear``'s weight, in ``Conv1D``'s (in, out) layout."""
+    with torch.device("meta"):
+        conv = conv_type(linear.out_features, linear.in_features)
+    conv.weight = nn.Parameter(linear.weight.detach().t().contiguous(), requires_grad=linear.weight.requires_grad)
+    if linear.weight.grad is not None:
+        conv.weight.grad = linear.weight.grad.t().contiguous()
+    conv.bias = linear.bias
+    conv.nf = linear.out_features
+    if hasattr(conv, "nx"):
+        conv.nx = linear.in_features
+    return conv
+
+
+@contextmanager
+def _linear_projections(model: nn.Module, indices: Iterable[int]):
+    """While inside, the ``Conv1D`` projections of the given layers (GPT-2) are ``nn.Linear`` modules.
+
+    Torch-Pruning's pruning functions and importances read a linear weight as (out, in); GPT-2's
+    ``Conv1D`` stores it transposed. The swap computes the same function (and carries ``.grad``),
+    and is undone on the way out, pruned or not, so the model saves and loads as GPT-2.
+    """
+    family = model_family(model)
+    layers = model.get_submodule(family.layers)
+    swapped = []
+    try:
+        for i in indices:
+            for path in family.projections():
+                module = layers[i].get_submodule(path)
+                if _is_conv1d(module):
+                    _set_path(layers[i], path, _as_linear(module))
+                    swapped.append((i, path, type(module)))
+        yield
+    finally:
+        for i, path, conv_type in swapped:
+            _set_path(layers[i], path, _as_conv1d(layers[i].get_submodule(path), conv_type))
 
 
 def _unit_params(model: nn.Module, index: int) -> tuple:
     """Parameters removed with one query head and with one MLP channel of layer ``index``."""
-    layer = decoder_layers(model)[index]
-    attn, mlp = layer.self_attn, layer.mlp
-    hd = _head_dim(model, attn)
-    gqa = attn.k_proj.out_features != attn.q_proj.out_features
-    projections = [attn.q_proj] if gqa else [attn.q_proj, attn.k_proj, attn.v_proj]
-    head = sum(hd * (p.in_features + (p.bias is not None)) for p in projections) + hd * attn.o_proj.out_features
-    channel = sum(p.in_features + (p.bias is not None) for p in (mlp.gate_proj, mlp.up_proj)) + mlp.down_proj.out_features
+    family = model_family(model)
+    layer = model.get_submodule(family.layers)[index]
+    shape, hd = _shape(model, family, layer)
+    gqa = shape.num_key_value_heads != shape.num_attention_heads
+
+    def cost(path: str, parts: int = 1) -> int:  # weights (and bias) of one output row, per part
+        m = layer.get_submodule(path)
+        return parts * (_in_features(m) + (getattr(m, "bias", None) is not None))
+
+    if family.qkv is None:
+        head = hd * sum(cost(p) for p in ([family.q] if gqa else [family.q, family.k, family.v]))
+    else:
+        head = hd * cost(family.qkv, 1 if gqa else 3)
+    head += hd * _out_features(layer.get_submodule(family.o))
+    if family.gate_up is not None:
+        channel = cost(family.gate_up, 2)
+    else:
+        channel = sum(cost(p) for p in family.up)
+    channel += _out_features(layer.get_submodule(family.down))
     return head, channel
 
 
@@ -361,11 +697,11 @@ def group_ratio_for_param_ratio(model: nn.Module, param_ratio: float, layers: It
     if not 0 <= param_ratio < 1:
         raise ValueError(f"param_ratio must be in [0, 1), got {param_ratio}")
     total = sum(p.numel() for p in model.parameters())
+    shapes = layer_shapes(model)
     prunable = 0
     for i in layers:
         head, channel = _unit_params(model, i)
-        shape = layer_shapes(model)[i]
-        prunable += head * shape.num_attention_heads + channel * shape.intermediate_size
+        prunable += head * shapes[i].num_attention_heads + channel * shapes[i].intermediate_size
     ratio = param_ratio * total / max(prunable, 1)
     if ratio >= 1:
         raise ValueError(
@@ -376,32 +712,44 @@ def group_ratio_for_param_ratio(model: nn.Module, param_ratio: float, layers: It
 
 
 class LLMBlockPruner:
-    """LLM-Pruner-style block pruner for LLaMA-family models, driven by a Torch-Pruning importance.
+    """LLM-Pruner-style block pruner for decoder-only LMs, driven by a Torch-Pruning importance.
 
     In each selected layer, ``pruning_ratio`` of the attention heads and of the MLP channels are
     removed, ranked within the layer by ``importance`` (one score per channel, summed over the
     channels of a head). With grouped-query attention, the query heads are removed in equal numbers
-    from each key/value group and the key/value heads are kept. The hidden size, the embeddings, the
-    LM head and the layers outside ``layers`` are untouched.
+    from each key/value group and the key/value heads are kept; the number removed per group is
+    ``round(pruning_ratio * heads per group)``, so the achieved fraction can differ from the ratio
+    (4 heads per group: 0.1 removes none, 0.3 removes 25 %): :meth:`step` reports what each layer
+    lost and warns when the ratio rounds to no head at all. The hidden size, the embeddings, the LM
+    head and the layers outside ``layers`` are untouched.
 
-    Gradient-based importances (``ConnectImportance``, ``GroupTaylorImportance``) need dL/dW in
-    ``.grad`` before :meth:`step` (:func:`accumulate_loss_gradients`); ``ConnectImportance`` adds its
-    connectivity gradient itself.
+    Supported families (:data:`FAMILIES`; anything else is refused here, with what it lacks):
+    LLaMA-style decoders with separate ``q/k/v/o_proj`` and a gated MLP (LLaMA, Qwen2, Qwen3,
+    Mistral, Gemma), Phi-3 (fused ``qkv_proj`` and ``gate_up_proj``), GPT-2 (fused ``c_attn``,
+    ``Conv1D`` weights, plain MLP) and OPT (``q/k/v/out_proj``, ``fc1``/``fc2``).
+
+    Gradient-based importances (``ConnectImportance``, ``GroupTaylorImportance``) need dL/dW: either
+    pass ``calibration`` to :meth:`step`, or fill ``.grad`` first (:func:`accumulate_loss_gradients`);
+    ``ConnectImportance`` adds its connectivity gradient itself.
 
     Example:
         >>> pruner = LLMBlockPruner(model, ConnectImportance(lam=1e5), pruning_ratio=0.25)
-        >>> accumulate_loss_gradients(model, calibration)
-        >>> report = pruner.step()
+        >>> report = pruner.step(calibration=batches)
 
     Args:
-        model: a LLaMA/Qwen2/Mistral-style causal LM.
+        model: a causal LM of one of the supported families.
         importance: a Torch-Pruning importance, called on Torch-Pruning ``Group`` objects.
         pruning_ratio: fraction of the heads and MLP channels to remove in every selected layer.
-        layers: indices of the layers to prune (default: :func:`llm_pruner_layers`).
+        layers: indices of the layers to prune (default: :func:`llm_pruner_layers` for the model's
+            depth: all but the first 3 and the last one from 8 layers on, about half of a
+            shallower model).
         head_pruning: prune attention heads (otherwise only MLP channels).
         round_to: keep a multiple of this many MLP channels (e.g. 8 for tensor cores).
         example_inputs: token ids of the model's input shape, given to importances that measure the
             model (``ConnectImportance``) when they were built without one.
+
+    Raises:
+        TypeError: the model is of no supported family (the message lists them and says what is missing).
     """
 
     def __init__(self, model: nn.Module, importance: Any, pruning_ratio: float = 0.25,
@@ -411,6 +759,7 @@ class LLMBlockPruner:
             raise ValueError(f"pruning_ratio must be in [0, 1), got {pruning_ratio}")
         if round_to is not None and round_to < 1:
             raise ValueError(f"round_to must be >= 1, got {round_to}")
+        self.family = model_family(model)
         n_layers = len(decoder_layers(model))
         self.layers = list(llm_pruner_layers(n_layers) if layers is None else layers)
         bad = [i for i in self.layers if not 0 <= i < n_layers]
@@ -428,6 +777,8 @@ class LLMBlockPruner:
         self.pruning_ratio = pruning_ratio
         self.head_pruning = head_pruning
         self.round_to = round_to
+        #: What the last :meth:`step` removed, per layer (the dict it returned).
+        self.last_report: Dict[int, Dict[str, Any]] = {}
         if getattr(importance, "example_inputs", False) is None:
             # ConnectImportance otherwise guesses the input from the last forward call it saw, which
             # for a causal LM may carry labels; token ids alone are what connectivity needs.
@@ -441,18 +792,40 @@ class LLMBlockPruner:
             raise RuntimeError(f"{type(self.importance).__name__} returned no score for an LLM group")
         return imp.detach().float().cpu()
 
+    def _heads_per_group(self, g: _LayerGroups) -> tuple:
+        """Query heads per key/value group, and how many of them go (the same in every group)."""
+        per_group = g.num_heads // g.num_kv_heads if g.gqa else g.num_heads
+        if not self.head_pruning or self.pruning_ratio == 0:
+            return per_group, 0
+        return per_group, min(round(self.pruning_ratio * per_group), per_group - 1)
+
     def _head_indices(self, g: _LayerGroups) -> List[int]:
         """Query heads to remove: lowest summed score, equally many per key/value group."""
-        if not self.head_pruning or self.pruning_ratio == 0:
+        per_group, n_remove = self._heads_per_group(g)
+        if n_remove == 0:
             return []
         head_scores = self._scores(g.heads).view(g.num_heads, g.head_dim).sum(1)
-        per_group = g.num_heads // g.num_kv_heads if g.gqa else g.num_heads
-        n_remove = min(round(self.pruning_ratio * per_group), per_group - 1)
         removed = []
         for kv in range(g.num_heads // per_group):
             block = head_scores[kv * per_group:(kv + 1) * per_group]
             removed += (torch.argsort(block)[:n_remove] + kv * per_group).tolist()
         return sorted(removed)
+
+    def _check_gradients(self, groups: List[_LayerGroups]) -> None:
+        """Taylor-type importances read ``.grad``; without it they fail deep inside Torch-Pruning."""
+        imp = self.importance
+        if not isinstance(imp, tp.importance.GroupTaylorImportance) or hasattr(imp, "objective_gradient"):
+            return  # not Taylor, or ConnectImportance (it scores with connectivity alone and says so)
+        for g in groups:
+            for group in (g.heads, g.mlp):
+                for item in group:
+                    module = item.dep.target.module
+                    if module.weight.grad is None:
+                        name = item.dep.target.name or type(module).__name__
+                        raise ValueError(
+                            f"{type(imp).__name__} needs loss gradients, but {name}.weight has no .grad: pass the "
+                            f"calibration token ids to step(calibration=batches), or call "
+                            f"llm.accumulate_loss_gradients(model, batches) before step()")
 
     def _channel_indices(self, g: _LayerGroups) -> List[int]:
         if self.pruning_ratio == 0:
@@ -484,23 +857,42 @@ class LLMBlockPruner:
             layers_per_pass: decoder layers scored per pass (more: fewer passes, more memory).
             batch_size: calibration sequences per forward (memory only; the gradient is the mean).
         """
-        names = {m: n for n, m in self.model.named_modules()}
-        groups = [_layer_groups(self.model, i, names) for i in self.layers]
-        if calibration is None:
-            plans = [(g, self._head_indices(g), self._channel_indices(g)) for g in groups]
-        else:
-            plans = self._streamed_plans(groups, calibration, layers_per_pass, batch_size)
-        report = {}
-        for g, heads, channels in plans:
-            if heads:
-                idxs = [h * g.head_dim + j for h in heads for j in range(g.head_dim)]
-                _prune_group(g.heads, idxs)
-            if channels:
-                _prune_group(g.mlp, channels)
-            report[g.index] = {"heads_removed": heads, "channels_removed": len(channels)}
+        with _linear_projections(self.model, self.layers):  # GPT-2's Conv1D, scored and cut as nn.Linear
+            names = {m: n for n, m in self.model.named_modules()}
+            groups = [_layer_groups(self.model, i, names) for i in self.layers]
+            if calibration is None:
+                self._check_gradients(groups)
+                plans = [(g, self._head_indices(g), self._channel_indices(g)) for g in groups]
+            else:
+                plans = self._streamed_plans(groups, calibration, layers_per_pass, batch_size)
+            report = {}
+            no_heads = []
+            for g, heads, channels in plans:
+                per_group, n_remove = self._heads_per_group(g)
+                if self.head_pruning and self.pruning_ratio > 0 and n_remove == 0:
+                    no_heads.append((g.index, per_group))
+                if heads:
+                    idxs = [h * g.head_dim + j for h in heads for j in range(g.head_dim)]
+                    _prune_group(g.heads, idxs)
+                n_channels = len(g.mlp[0].root_idxs)
+                if channels:
+                    _prune_group(g.mlp, channels)
+                report[g.index] = {"heads_removed": heads, "num_heads": g.num_heads,
+                                   "head_ratio": len(heads) / g.num_heads,
+                                   "channels_removed": len(channels), "intermediate_size": n_channels,
+                                   "channel_ratio": len(channels) / n_channels}
         _sync_layer_attributes(self.model)
+        if no_heads:
+            layers = [i for i, _ in no_heads]
+            per_group = min(p for _, p in no_heads)
+            warnings.warn(
+                f"pruning_ratio={self.pruning_ratio:g} removes no attention head in layers {layers}: heads are "
+                f"removed in whole numbers, equally from every key/value group, and round({self.pruning_ratio:g} x "
+                f"{per_group} heads per group) is 0 (only MLP channels were pruned there). A ratio above "
+                f"{0.5 / per_group:.3g} removes one head per group; head_pruning=False says that only channels "
+                f"should go", UserWarning, stacklevel=2)
+        self.last_report = report
         return report
-
 
     def _streamed_plans(self, groups: List[_LayerGroups], calibration: torch.Tensor, layers_per_pass: int,
                         batch_size: int) -> List[tuple]:
@@ -564,7 +956,7 @@ class LLMBlockPruner:
 def count_linear_macs(model: nn.Module, seq_len: int = 128) -> int:
     """Multiply-accumulates of one forward pass over one sequence of ``seq_len`` tokens.
 
-    Counts every ``nn.Linear`` (projections, MLP, LM head) by running the model with forward hooks,
+    Counts every ``nn.Linear`` and GPT-2 ``Conv1D`` (projections, MLP, LM head) by running the model with forward hooks,
     plus the two attention matmuls (``QK^T`` and ``AV``: ``2 * heads * head_dim * seq_len**2`` per
     layer, the full square as most counters report it). Norms, rotary embedding and softmax are
     elementwise and left out.
@@ -572,17 +964,18 @@ def count_linear_macs(model: nn.Module, seq_len: int = 128) -> int:
     macs = [0]
 
     def hook(module, inputs, output):
-        macs[0] += inputs[0].numel() // module.in_features * module.in_features * module.out_features
+        n_in, n_out = _in_features(module), _out_features(module)
+        macs[0] += inputs[0].numel() // n_in * n_in * n_out
 
-    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, nn.Linear)]
+    handles = [m.register_forward_hook(hook) for m in model.modules() if _is_projection(m)]
     try:
         with torch.no_grad():
             model(input_ids=torch.zeros(1, seq_len, dtype=torch.long, device=_model_device(model)))
     finally:
         for h in handles:
             h.remove()
-    for layer in decoder_layers(model):
-        macs[0] += 2 * layer.self_attn.q_proj.out_features * seq_len * seq_len
+    for shape, head_dim in (_shape(model, model_family(model), layer) for layer in decoder_layers(model)):
+        macs[0] += 2 * shape.num_attention_heads * head_dim * seq_len * seq_len
     return macs[0]
 
 
@@ -598,36 +991,63 @@ def peak_memory_mib(device: Optional[torch.device] = None) -> Dict[str, float]:
 _MODELING_TEMPLATE = '''"""Loader of a model pruned by connect_tp: a {base} whose layers differ in width.
 
 Written by connect_tp.llm.save_pruned. config.json lists every decoder layer's query heads,
-key/value heads and MLP channels under "{key}"; this class builds those shapes before
-the weights are loaded. Load with connect_tp.llm.load_pruned(path, trust_remote_code=True) or
+key/value heads and MLP channels under "{key}", and the sizes of its projections and the
+attributes that follow them under "{modules_key}"; this class builds those shapes before the
+weights are loaded. Load with connect_tp.llm.load_pruned(path, trust_remote_code=True) or
 AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True); either runs this file, so do
 that only for a folder you wrote or trust.
 """
 import torch.nn as nn
 from transformers import {base} as _Base
+from transformers.pytorch_utils import Conv1D
+
+
+class _LayerConfig:
+    """The model config as one layer sees it: its own head count, everything else read through."""
+
+    def __init__(self, base, **overrides):
+        self.__dict__["_base"] = base
+        self.__dict__["_overrides"] = dict(overrides)
+
+    def __getattr__(self, name):
+        if name.startswith("__") or name in ("_base", "_overrides"):
+            raise AttributeError(name)
+        overrides = self.__dict__.get("_overrides", {{}})
+        if name in overrides:
+            return overrides[name]
+        return getattr(self.__dict__["_base"], name)
+
+    def __setattr__(self, name, value):
+        if name in self._overrides:
+            self._overrides[name] = value
+        else:
+            setattr(self._base, name, value)
+
+
+def _owner(root, path):
+    parent, _, name = path.rpartition(".")
+    return (root.get_submodule(parent) if parent else root), name
 
 
 def _resize(model, config):
-    shapes = getattr(config, "{key}", None)
-    if not shapes:
+    plan = getattr(config, "{modules_key}", None)
+    if not plan:
         return
-    hidden = config.hidden_size
-    head_dim = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
-    for layer, shape in zip(model.model.layers, shapes):
-        attn, mlp = layer.self_attn, layer.mlp
-        q, kv, inter = shape["num_attention_heads"], shape["num_key_value_heads"], shape["intermediate_size"]
-        ref = attn.q_proj.weight
-        attn.q_proj = nn.Linear(hidden, q * head_dim, bias=attn.q_proj.bias is not None, device=ref.device, dtype=ref.dtype)
-        attn.k_proj = nn.Linear(hidden, kv * head_dim, bias=attn.k_proj.bias is not None, device=ref.device, dtype=ref.dtype)
-        attn.v_proj = nn.Linear(hidden, kv * head_dim, bias=attn.v_proj.bias is not None, device=ref.device, dtype=ref.dtype)
-        attn.o_proj = nn.Linear(q * head_dim, hidden, bias=attn.o_proj.bias is not None, device=ref.device, dtype=ref.dtype)
-        attn.num_key_value_groups = q // kv
-        ref = mlp.gate_proj.weight
-        mlp.gate_proj = nn.Linear(hidden, inter, bias=mlp.gate_proj.bias is not None, device=ref.device, dtype=ref.dtype)
-        mlp.up_proj = nn.Linear(hidden, inter, bias=mlp.up_proj.bias is not None, device=ref.device, dtype=ref.dtype)
-        mlp.down_proj = nn.Linear(inter, hidden, bias=mlp.down_proj.bias is not None, device=ref.device, dtype=ref.dtype)
-        if hasattr(mlp, "intermediate_size"):
-            mlp.intermediate_size = inter
+    for layer, spec in zip(model.get_submodule(plan["layers"]), plan["specs"]):
+        for path, m in spec["modules"].items():
+            owner, name = _owner(layer, path)
+            ref = getattr(owner, name).weight
+            if m["type"] == "Conv1D":
+                new = Conv1D(m["out"], m["in"]).to(device=ref.device, dtype=ref.dtype)
+            else:
+                new = nn.Linear(m["in"], m["out"], bias=m["bias"], device=ref.device, dtype=ref.dtype)
+            setattr(owner, name, new)
+        for path, value in spec["attributes"].items():
+            owner, name = _owner(layer, path)
+            setattr(owner, name, value)
+        if spec["config"]:
+            attn = layer.get_submodule(plan["attention"])
+            attn.config = _LayerConfig(config, **spec["config"])
 
 
 class ConnectPrunedForCausalLM(_Base):
@@ -668,7 +1088,7 @@ def save_pruned(model: nn.Module, path: str, tokenizer: Any = None) -> str:
     model.save_pretrained(path)
     if non_uniform:
         with open(os.path.join(path, _MODELING_FILE), "w") as f:
-            f.write(_MODELING_TEMPLATE.format(base=base, key=LAYER_SHAPES_KEY))
+            f.write(_MODELING_TEMPLATE.format(base=base, key=LAYER_SHAPES_KEY, modules_key=LAYER_MODULES_KEY))
     if tokenizer is not None:
         tokenizer.save_pretrained(path)
     return path
@@ -788,7 +1208,7 @@ def lora_finetune(model: nn.Module, batches: torch.Tensor, steps: int = 100, lr:
         from peft import LoraConfig, get_peft_model
     except ImportError as err:  # optional extra
         raise ImportError("LoRA recovery needs peft: pip install 'connect_tp[llm]'") from err
-    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    targets = sorted({path.rsplit(".", 1)[-1] for path in model_family(model).projections()})
     peft_model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets,
                                                   lora_dropout=0.0, task_type="CAUSAL_LM"))
     optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=lr)
