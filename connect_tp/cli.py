@@ -29,8 +29,8 @@ import sys
 import time
 from typing import Any, Callable, List, Optional
 
-from .pipeline.config import FT_SCHEDULES, PRESETS, ConfigError, check_speed_up, resolve_config
-from .methods import PRUNING_METHODS, parse_method
+from .methods import MAX_LAMBDA, PRUNING_METHODS, parse_method
+from .pipeline.config import FT_SCHEDULES, PRESETS, ConfigError, check_device, check_speed_up, resolve_config
 
 __all__ = ["build_parser", "main"]
 
@@ -80,9 +80,16 @@ def _lam(text: str) -> float:
         value = float(text)
     except ValueError:
         value = math.nan
-    if not (math.isfinite(value) and value >= 0):
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text!r}")
+    if not (math.isfinite(value) and 0 <= value <= MAX_LAMBDA):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0 and <= {MAX_LAMBDA:g}, got {text!r}")
     return value
+
+
+def _device(text: str) -> str:
+    try:
+        return check_device(text, "the device")
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _method(name: str) -> str:
@@ -128,7 +135,8 @@ _DESCRIPTIONS = {
 def _add_run_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("run")
     g.add_argument("--preset", choices=sorted(PRESETS), default="offline", help="recipe (default: offline)")
-    g.add_argument("--seed", type=_int_at_least(0), default=0, help="seed of data subsets, training and pruning")
+    g.add_argument("--seed", type=_int_at_least(0), default=0,
+                   help="seed of data subsets, training and pruning (default: 0)")
     g.add_argument("--out", default=None, help="run folder (default: runs/<preset>/seed<seed>)")
     g.add_argument("--resume", action="store_true",
                    help="keep what is done in --out and continue interrupted work (files are checked first)")
@@ -136,10 +144,16 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
                    help="with --resume: redo files in --out that another config or another parent file made, "
                         "instead of stopping with an error")
     g = p.add_argument_group("machine")
-    g.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: cpu)")
-    g.add_argument("--threads", type=_int_at_least(1), default=None, help="torch CPU threads (torch.set_num_threads)")
+    g.add_argument("--device", type=_device, default="cpu", help="cpu, cuda, cuda:1, ... (default: cpu)")
+    g.add_argument("--threads", type=_int_at_least(1), default=None,
+                   help="torch CPU threads (torch.set_num_threads; default: torch's own choice, "
+                        "$OMP_NUM_THREADS when set, else one per CPU core)")
     g.add_argument("--workers", type=_int_at_least(0), default=0, help="data-loading processes (default: 0)")
-    g.add_argument("--data-dir", default="data", help="local dataset copy (default: ./data)")
+    # Fashion-MNIST is also found in Debian's package folder (connect_tp.data.DEBIAN_FASHION_MNIST_DIR,
+    # spelled out here because connect_tp.data imports torch and --help must not).
+    g.add_argument("--data-dir", default="data",
+                   help="folder with the datasets (default: ./data; Fashion-MNIST is looked for there first, "
+                        "then in /usr/share/datasets/fashion-mnist, Debian's dataset-fashion-mnist)")
     g.add_argument("--download", action="store_true", help="download the dataset when missing")
 
 
@@ -166,7 +180,7 @@ def _add_prune_options(p: argparse.ArgumentParser) -> None:
                    help="images of the calibration set (default: the preset's)")
     g.add_argument("--connect-lam", type=_lam, default=None, help="CoNNect lambda for plain `connect` "
                                                                   "(default: the library default)")
-    g.add_argument("--max-pruning-ratio", type=_ratio, default=1.0, help="most a layer may lose (default 1.0)")
+    g.add_argument("--max-pruning-ratio", type=_ratio, default=1.0, help="most a layer may lose (default: 1.0)")
     g.add_argument("--bn-refresh-every", type=_int_at_least(0), default=None, metavar="N",
                    help="re-estimate BatchNorm statistics on the calibration images before every N-th "
                         "pruning step (default: the preset's, 0: never)")
@@ -237,8 +251,8 @@ class _Session:
 
 
 def _cmd_table(args: argparse.Namespace, argv: List[str], session: _Session) -> None:
-    from .pipeline.console import note
     from .files import check_output_folder
+    from .pipeline.console import note
     from .pipeline.lock import RunLock
     from .pipeline.table import stage_table
 
@@ -249,11 +263,12 @@ def _cmd_table(args: argparse.Namespace, argv: List[str], session: _Session) -> 
 
 def _cmd_run_stages(args: argparse.Namespace, argv: List[str], session: _Session) -> None:
     cfg = _config(args)  # every value checked before anything is created
-    from .pipeline.console import note
     from .files import check_output_folder
+    from .pipeline.console import note
     from .pipeline.lock import RunLock
     from .pipeline.rundir import RunFolder
 
+    _check_cuda(cfg["device"])
     out = cfg["out"]
     check_output_folder(out)
     rank = int(os.environ.get("RANK", "0"))
@@ -268,8 +283,6 @@ def _cmd_run_stages(args: argparse.Namespace, argv: List[str], session: _Session
 
         if args.threads:
             torch.set_num_threads(args.threads)
-        if cfg["device"].startswith("cuda") and not torch.cuda.is_available():
-            raise ConfigError("--device cuda was given but CUDA is not available")
         dist_ctx = init_distributed(cfg["device"])
         if dist_ctx.enabled and cfg["device"].startswith("cuda"):
             cfg["device"] = f"cuda:{dist_ctx.local_rank}"
@@ -296,11 +309,29 @@ def _cmd_run_stages(args: argparse.Namespace, argv: List[str], session: _Session
         lock.release()
 
 
-def _error_message(exc: BaseException) -> str:
+def _check_cuda(device: str) -> None:
+    """A CUDA device must exist before anything is written (a CPU run never imports torch here)."""
+    if not device.startswith("cuda"):
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        raise ConfigError(f"--device {device} was given but CUDA is not available; use --device cpu")
+    index = int(device.split(":")[1]) if ":" in device else 0
+    if index >= torch.cuda.device_count():
+        raise ConfigError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s) "
+                          f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})")
+
+
+def _error_message(exc: BaseException, command: str) -> str:
     if isinstance(exc, OSError) and exc.filename and exc.strerror:
         message = f"error: {exc.filename}: {exc.strerror}"
+        if getattr(exc, "report", None):  # what was written before the failure (table files)
+            message += f"; {exc.report}"
         if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-            message += "; free some space, then rerun with --resume"
+            # `table` has no --resume: it rewrites all its files each time.
+            message += ("; free some space, then rerun this command" if command == "table"
+                        else "; free some space, then rerun with --resume")
         return message
     if isinstance(exc, OSError) and exc.strerror and not exc.filename:
         return f"error: {exc.strerror}"
@@ -346,7 +377,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         if session.run is not None:  # what is on disk, then the error as the last line
             for line in session.run.saved_report():
                 note(f"{args.command}: {line}")
-        error(_error_message(exc))
+        error(_error_message(exc, args.command))
         return EXIT_ERROR
     return EXIT_OK
 

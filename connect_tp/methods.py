@@ -24,8 +24,8 @@ import math
 import re
 from typing import Any, Dict, Optional, Tuple
 
-__all__ = ["PRUNING_METHODS", "GRADIENT_METHODS", "NORMALIZER_NAMES", "NAMED_BN_FLOW", "parse_method", "connect_options",
-           "normalizer_of"]
+__all__ = ["PRUNING_METHODS", "GRADIENT_METHODS", "NORMALIZER_NAMES", "NAMED_BN_FLOW", "MAX_LAMBDA", "BN_FLOW_NAMES",
+           "parse_method", "connect_options", "normalizer_of"]
 
 PRUNING_METHODS = ("connect", "taylor", "l1", "l2", "lamp", "random", "uniform")
 """Importance criteria known to :func:`connect_tp.pruning.build_importance` (``connect`` also takes options)."""
@@ -35,6 +35,12 @@ GRADIENT_METHODS = frozenset({"connect", "taylor"})
 
 NORMALIZER_NAMES = ("mean", "sum", "max", "none", "standarization", "gaussian")
 """Normalizers a ``-norm<name>`` suffix may name (Torch-Pruning's spelling; ``none`` is ``normalizer=None``)."""
+
+MAX_LAMBDA = 1e12
+"""Largest ``-lam<lambda>`` a name may give (:data:`connect_tp.importance.MAX_LAMBDA`, kept torch-free here)."""
+
+BN_FLOW_NAMES = ("stats", "gamma", "identity")
+"""BatchNorm treatments a ``-bn<flow>`` suffix may name (:data:`connect_tp.connectivity.BN_FLOWS`)."""
 
 _NORMALIZABLE = ("connect", "taylor", "l1", "l2")  # the others fix their own normalization (LAMP) or have none
 _NORM_SUFFIX = re.compile(r"-norm(?P<norm>[a-z]*)$")
@@ -46,7 +52,9 @@ def parse_method(method: str) -> Tuple[str, Dict[str, Any]]:
     """Split a method name into the criterion and its options.
 
     Raises:
-        ValueError: an unknown method or malformed options, naming the accepted forms.
+        ValueError: an unknown method, malformed options, or a number out of range (a negative
+            kappa, a lambda outside ``[0, MAX_LAMBDA]``, kappa and lambda both given), naming the
+            accepted forms.
 
     Example:
         >>> parse_method("connect-k3-bngamma")
@@ -78,7 +86,22 @@ def parse_method(method: str) -> Tuple[str, Dict[str, Any]]:
             options["lam"] = float(match["lam"])
     except ValueError:
         raise ValueError(f"malformed number in pruning method {method!r}") from None
+    # Every range ConnectImportance checks is checked here too, so a bad name is refused before
+    # the base model and the data are loaded.
+    if "balance" in options and "lam" in options:
+        raise ValueError(f"pruning method {method!r} gives both a balance (-k) and a lambda (-lam); give one")
+    balance = options.get("balance")
+    if balance is not None and not (balance >= 0 and (math.isfinite(balance) or match["balance"] == "inf")):
+        raise ValueError(f"pruning method {method!r}: the balance kappa must be a finite number >= 0, or inf for "
+                         f"the connectivity term alone (connect-kinf), got {match['balance']}")
+    lam = options.get("lam")
+    if lam is not None and not (0 <= lam <= MAX_LAMBDA):
+        raise ValueError(f"pruning method {method!r}: lambda must be a number in [0, {MAX_LAMBDA:g}], got "
+                         f"{match['lam']}; for the connectivity term alone use connect-kinf")
     if match["bn_flow"] is not None:
+        if match["bn_flow"] not in BN_FLOW_NAMES:
+            raise ValueError(f"pruning method {method!r}: unknown BatchNorm treatment -bn{match['bn_flow']}; "
+                             f"choose one of {', '.join('-bn' + f for f in BN_FLOW_NAMES)}")
         options["bn_flow"] = match["bn_flow"]
     return "connect", options
 

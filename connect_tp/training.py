@@ -106,20 +106,35 @@ def load_model_checkpoint(path: str, map_location: Any = "cpu"):
 
     Returns:
         ``(model, checkpoint)``: the model with the saved widths and weights, and the checkpoint dict.
+
+    Raises:
+        CheckpointError: the file is missing or corrupt, or holds something else than a model saved
+            by :func:`save_model_checkpoint` (a bare tensor, an unknown ``arch["model"]``, weights
+            that do not fit); the message names the file.
     """
-    from .models import create_model
+    from .models import MODEL_REGISTRY, create_model
 
     checkpoint = load_checkpoint(path, map_location)
+    fix = "it was not written by save_model_checkpoint; delete it and rerun the stage that writes it"
+    if not isinstance(checkpoint, dict):
+        raise CheckpointError(f"checkpoint {path} holds a {type(checkpoint).__name__}, not a model; {fix}")
     if "arch" not in checkpoint or "state_dict" not in checkpoint:
-        raise CheckpointError(f"checkpoint {path} holds no model (keys {sorted(checkpoint)}); "
-                              f"it was not written by save_model_checkpoint")
-    arch = checkpoint["arch"]
-    model = create_model(arch["model"], num_classes=arch["num_classes"], in_channels=arch["in_channels"])
-    shrink_to_state_dict(model, checkpoint["state_dict"])
+        raise CheckpointError(f"checkpoint {path} holds no model (keys {sorted(map(str, checkpoint))}); {fix}")
+    arch, state_dict = checkpoint["arch"], checkpoint["state_dict"]
+    if not isinstance(arch, dict) or not isinstance(state_dict, dict):
+        raise CheckpointError(f"checkpoint {path} holds a malformed model (arch {type(arch).__name__}, "
+                              f"state_dict {type(state_dict).__name__}); {fix}")
+    name = arch.get("model")
+    if not isinstance(name, str) or name not in MODEL_REGISTRY:
+        raise CheckpointError(f"checkpoint {path} names an unknown model {name!r} (known: "
+                              f"{', '.join(sorted(MODEL_REGISTRY))}); {fix}")
     try:
-        model.load_state_dict(checkpoint["state_dict"])
-    except RuntimeError as exc:
-        raise CheckpointError(f"checkpoint {path} does not fit model {arch['model']} ({exc})") from exc
+        model = create_model(name, num_classes=arch["num_classes"], in_channels=arch["in_channels"])
+        shrink_to_state_dict(model, state_dict)
+        model.load_state_dict(state_dict)
+    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError, IndexError) as exc:
+        raise CheckpointError(f"checkpoint {path} does not fit model {name} ({type(exc).__name__}: {exc}); "
+                              f"{fix}") from exc
     return model, checkpoint
 
 
@@ -345,6 +360,9 @@ def fit(model: nn.Module, train_set: Dataset, test_set: Dataset, *, epochs: int,
 
     if resume and checkpoint_path and os.path.isfile(checkpoint_path):
         state = load_checkpoint(checkpoint_path, map_location=device)
+        if not isinstance(state, dict):
+            raise CheckpointError(f"checkpoint {checkpoint_path} holds a {type(state).__name__}, not a training "
+                                  f"state; delete it or run without --resume")
         if state.get("schedule", "step") != schedule:  # a scheduler's state loads into the other without error
             raise CheckpointError(f"checkpoint {checkpoint_path} was written with schedule "
                                   f"{state.get('schedule', 'step')!r}, this run uses {schedule!r}; "

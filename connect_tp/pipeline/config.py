@@ -21,12 +21,13 @@ from __future__ import annotations
 import copy
 import math
 import os
+import re
 from typing import Any, Dict, List, Optional
 
-from ..methods import parse_method
+from ..methods import MAX_LAMBDA, parse_method
 
-__all__ = ["PRESETS", "ConfigError", "default_out", "resolve_config", "train_config", "prune_config",
-           "finetune_config", "short_finetune_config", "check_speed_up", "check_positive_int"]
+__all__ = ["PRESETS", "PRESET_CAVEATS", "ConfigError", "default_out", "resolve_config", "train_config", "prune_config",
+           "finetune_config", "short_finetune_config", "check_speed_up", "check_positive_int", "check_device"]
 
 _PAPER_COMMON = dict(
     train_subset=None, test_subset=None, batch_size=128,
@@ -85,6 +86,26 @@ PRESETS: Dict[str, Dict[str, Any]] = {
 PRESETS["ranking-cosine"] = dict(PRESETS["ranking"], ft_schedule="cosine")
 
 
+def _demo_caveat(preset: str, role: str) -> str:
+    p = PRESETS[preset]
+
+    def count(n: int, what: str) -> str:
+        return f"{n:,} {what}{'' if n == 1 else 's'}"
+
+    return (f"preset {preset} is {role} ({count(p['train_subset'], 'training image')}, "
+            f"{count(p['base_epochs'], 'base epoch')}, {count(p['ft_epochs'], 'fine-tuning epoch')}): it shows "
+            f"that every stage runs, but its "
+            f"differences between methods are within the seed-to-seed spread, so it cannot rank them; "
+            f"compare methods with --preset ranking")
+
+
+PRESET_CAVEATS: Dict[str, str] = {
+    "offline": _demo_caveat("offline", "a smoke-scale demo"),
+    "smoke": _demo_caveat("smoke", "a test-sized run"),
+}
+"""What a table or plot of a preset must say about it (a demo's numbers are not a ranking)."""
+
+
 class ConfigError(ValueError):
     """An argument or config value is out of range (the message names it and the accepted range)."""
 
@@ -112,6 +133,22 @@ def check_speed_up(value: Any, name: str = "--speed-up") -> float:
     return value
 
 
+_DEVICE = re.compile(r"^(cpu|cuda(:[0-9]+)?)$")
+
+
+def check_device(value: Any, name: str = "--device") -> str:
+    """A device the pipeline can train on: ``cpu``, ``cuda`` or ``cuda:<index>`` (checked without torch).
+
+    Whether CUDA (and that index) is there is checked by the command line once torch is imported,
+    still before any work.
+    """
+    if not isinstance(value, str) or not _DEVICE.match(value):
+        why = (" (the meta device holds no data: nothing can be trained or evaluated on it)"
+               if str(value).split(":")[0] == "meta" else "")
+        raise ConfigError(f"{name} must be cpu, cuda or cuda:<index>, got {value!r}{why}")
+    return value
+
+
 def default_out(preset: str, seed: int) -> str:
     """The run folder used when ``--out`` is not given."""
     return os.path.join("runs", preset, f"seed{seed}")
@@ -132,7 +169,7 @@ def resolve_config(preset: str, seed: int = 0, *, out: Optional[str] = None, dev
     if preset not in PRESETS:
         raise ConfigError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
     cfg = copy.deepcopy(PRESETS[preset])
-    cfg.update(preset=preset, seed=check_positive_int("--seed", seed, 0), device=device)
+    cfg.update(preset=preset, seed=check_positive_int("--seed", seed, 0), device=check_device(device))
     for key, value in (("methods", methods), ("base_epochs", epochs), ("ft_epochs", ft_epochs),
                        ("iterative_steps", iterative_steps), ("calibration_samples", calibration_samples),
                        ("short_ft_steps", short_ft_steps), ("bn_refresh_every", bn_refresh_every)):
@@ -161,8 +198,8 @@ def resolve_config(preset: str, seed: int = 0, *, out: Optional[str] = None, dev
     preset_ft = cfg.get("ft_speed_ups") or cfg["speed_ups"]
     cfg["ft_speed_ups"] = list(cfg["speed_ups"]) if explicit else sorted(float(s) for s in preset_ft
                                                                          if float(s) in cfg["speed_ups"])
-    if connect_lam is not None and not (math.isfinite(connect_lam) and connect_lam >= 0):
-        raise ConfigError(f"--connect-lam must be a finite number >= 0, got {connect_lam:g}")
+    if connect_lam is not None and not (math.isfinite(connect_lam) and 0 <= connect_lam <= MAX_LAMBDA):
+        raise ConfigError(f"--connect-lam must be a finite number >= 0 and <= {MAX_LAMBDA:g}, got {connect_lam:g}")
     if not (isinstance(max_pruning_ratio, (int, float)) and 0.0 < max_pruning_ratio <= 1.0):
         raise ConfigError(f"--max-pruning-ratio must be in (0, 1], got {max_pruning_ratio!r}")
     cfg["base_milestones"] = [m for m in cfg["base_milestones"] if m < cfg["base_epochs"]]

@@ -65,6 +65,15 @@ def run_environment(device: Any = "cpu") -> Dict[str, Any]:
             if str(device).startswith("cuda") and torch.cuda.is_available() else None}
 
 
+def _load_dict_checkpoint(path: str) -> Dict[str, Any]:
+    """A checkpoint of this pipeline (always a dict), or :class:`CheckpointError` naming the file."""
+    ckpt = load_checkpoint(path)
+    if not isinstance(ckpt, dict):
+        raise CheckpointError(f"checkpoint {path} holds a {type(ckpt).__name__}, not a checkpoint written by "
+                              f"connect-tp; delete it and rerun the stage that writes it (without --resume)")
+    return ckpt
+
+
 def _mtime(path: str) -> float:
     return os.stat(path).st_mtime
 
@@ -139,7 +148,8 @@ def _check_training_checkpoint(path: str, ckpt: Any, want: Dict[str, Any], *, wh
         raise ProvenanceError(f"{path} has no fingerprint and is older than {parent_path}, so it was made from an "
                               f"earlier {parent_name}; {fix}")
     scheduler = ckpt.get("scheduler") if isinstance(ckpt.get("scheduler"), dict) else {}
-    carried = {"model": (ckpt.get("arch") or {}).get("model"),
+    arch = ckpt.get("arch") if isinstance(ckpt.get("arch"), dict) else {}
+    carried = {"model": arch.get("model"),
                "milestones": sorted(int(m) for m in (scheduler.get("milestones") or {})),
                "lr": (scheduler.get("base_lrs") or [None])[0]}
     wanted = {"model": want["model"], "milestones": sorted(want["milestones"]), "lr": want["lr"]}
@@ -199,7 +209,7 @@ def stage_train(ctx: Context) -> Dict[str, Any]:
                     f"{run.summary(since)}")
             return base
     if resume_ckpt and os.path.isfile(run.base_ckpt):
-        ckpt = load_checkpoint(run.base_ckpt)
+        ckpt = _load_dict_checkpoint(run.base_ckpt)
         try:
             message = _check_training_checkpoint(run.base_ckpt, ckpt, want, what="a partly trained base model",
                                                  fix=_FIX_TRAIN)
@@ -301,7 +311,12 @@ def _load_base(ctx: Context, need_model: bool) -> _Base:
         if "best_state_dict" not in checkpoint:
             raise CheckpointError(f"checkpoint {run.base_ckpt} holds no best_state_dict; it is not a base model "
                                   f"written by `connect-tp train`")
-        model.load_state_dict(checkpoint["best_state_dict"])  # the best epoch is the base model
+        try:
+            model.load_state_dict(checkpoint["best_state_dict"])  # the best epoch is the base model
+        except (RuntimeError, TypeError, ValueError, AttributeError) as exc:
+            raise CheckpointError(f"checkpoint {run.base_ckpt}: its best_state_dict does not fit model "
+                                  f"{cfg['model']} ({type(exc).__name__}: {exc}); train the base again "
+                                  f"(`connect-tp train --force`) or give a new --out") from exc
     return _Base(base, sha, legacy, model)
 
 
@@ -353,7 +368,7 @@ def _check_pruned(ctx: Context, method: str, speed_up: float, base: _Base, *, ch
         if key in result and normalize(result[key]) != normalize(base_result.get(base_key)):
             raise ProvenanceError(f"{result_path} was pruned from another base model ({key}={result[key]!r} there, "
                                   f"{base_key}={base_result.get(base_key)!r} in {run.base_json}); {fix}")
-    speed = load_checkpoint(pruned_path).get("speed_up")
+    speed = _load_dict_checkpoint(pruned_path).get("speed_up")
     if speed is not None and abs(float(speed) - float(result["speed_up"])) > 1e-9:
         raise ProvenanceError(f"{pruned_path} (speed-up {float(speed):.4f}x) is not the pruned model {result_path} "
                               f"describes ({result['speed_up']:.4f}x); {fix}")
@@ -536,7 +551,7 @@ def _plan_full(ctx: Context, result: Dict[str, Any], job: _Job) -> Tuple[bool, b
     if os.path.isfile(ckpt_path):
         try:
             message = _check_training_checkpoint(
-                ckpt_path, load_checkpoint(ckpt_path), want, what="a partly fine-tuned model", fix=_FIX_FINETUNE,
+                ckpt_path, _load_dict_checkpoint(ckpt_path), want, what="a partly fine-tuned model", fix=_FIX_FINETUNE,
                 parent_sha=job.pruned_sha, parent_name="pruned model", parent_path=pruned_path,
                 legacy_ok=job.pruned_legacy)
         except ProvenanceError as exc:
@@ -603,7 +618,7 @@ def _finetune_one(ctx: Context, job: _Job) -> Dict[str, Any]:
     fp = fingerprint("finetune", finetune_config(cfg), parent=parent)
     epoch = 0
     if job.resume_ckpt:
-        epoch = load_checkpoint(ckpt_path).get("epoch", -1) + 1
+        epoch = _load_dict_checkpoint(ckpt_path).get("epoch", -1) + 1
         ctx.log(f"finetune {name}: resuming {ckpt_path} after epoch {epoch} of {cfg['ft_epochs']}")
     elif ctx.dist.is_main:
         # Starting over: the old checkpoint and numbers must not be taken for this run's if it stops early.
