@@ -442,8 +442,8 @@ def _set_path(layer: nn.Module, path: str, value: Any, only_existing: bool = Tru
 
 
 def _base_class(model: nn.Module) -> type:
-    cls = type(model)
-    return cls.__mro__[1] if cls.__name__ == "ConnectPrunedForCausalLM" else cls
+    """The architecture's own class (a model reloaded from :func:`save_pruned`'s file subclasses it)."""
+    return next(c for c in type(model).__mro__ if c.__name__ != "ConnectPrunedForCausalLM")
 
 
 def _plain_config_fits(model: nn.Module, updates: Dict[str, Any]) -> bool:
@@ -842,6 +842,12 @@ class LLMBlockPruner:
              batch_size: int = 1) -> Dict[str, Any]:
         """Score every group, then prune; returns what was removed per layer.
 
+        The report maps each pruned layer's index to ``heads_removed`` (query-head indices),
+        ``num_heads`` (before), ``head_ratio`` (the fraction actually removed, after rounding to
+        whole heads per key/value group), ``channels_removed`` (a count), ``channel_indices``,
+        ``intermediate_size`` (before) and ``channel_ratio``. A ratio that rounds to no head in a
+        layer raises a ``UserWarning`` naming the layers.
+
         All groups are scored before any weight is cut, so an importance that measures the whole
         model (the connectivity of ``ConnectImportance``) sees the unpruned model once.
 
@@ -879,7 +885,8 @@ class LLMBlockPruner:
                     _prune_group(g.mlp, channels)
                 report[g.index] = {"heads_removed": heads, "num_heads": g.num_heads,
                                    "head_ratio": len(heads) / g.num_heads,
-                                   "channels_removed": len(channels), "intermediate_size": n_channels,
+                                   "channels_removed": len(channels), "channel_indices": channels,
+                                   "intermediate_size": n_channels,
                                    "channel_ratio": len(channels) / n_channels}
         _sync_layer_attributes(self.model)
         if no_heads:
@@ -1077,9 +1084,7 @@ def save_pruned(model: nn.Module, path: str, tokenizer: Any = None) -> str:
     _sync_layer_attributes(model)
     config = model.config
     non_uniform = getattr(config, LAYER_SHAPES_KEY, None) is not None
-    base = type(model).__name__
-    if base == "ConnectPrunedForCausalLM":  # re-saving a reloaded pruned model
-        base = type(model).__mro__[1].__name__
+    base = _base_class(model).__name__  # also when re-saving a reloaded pruned model
     if non_uniform:
         config.auto_map = {"AutoModelForCausalLM": f"{_MODELING_FILE[:-3]}.ConnectPrunedForCausalLM"}
     elif hasattr(config, "auto_map"):
