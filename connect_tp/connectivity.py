@@ -498,10 +498,10 @@ def _measure_traced(model: nn.Module, params: Mapping[str, torch.Tensor], inputs
     ``None`` when the model needs the traced-free path (untraceable, or not exactly representable)."""
     from . import engine  # the engine knows nothing of this module; imported here to keep it that way
 
-    if engine.traced_graph(model) is None:
-        return None
     try:
         with _EvalMode(model), _explained_input_errors(inputs):
+            if engine.traced_graph(model) is None:  # traced in eval mode, as the pass runs
+                return None
             out, _ = engine.run_traced(model, inputs, params, "signal", bn_flow)
     except engine.NeedsFallback:
         return None
@@ -664,6 +664,17 @@ def log_connectivity(
     return log_phi
 
 
+def _where_the_flow_is_lost(model: nn.Module, inputs: Any, params: Mapping[str, torch.Tensor],
+                            bn_flow: str) -> Dict[str, str]:
+    """:func:`connect_tp.engine.locate_flow_loss` for an error message (empty when untraceable)."""
+    from . import engine
+
+    with _EvalMode(model):
+        if engine.traced_graph(model) is None:
+            return {}
+        return engine.locate_flow_loss(model, inputs, params, bn_flow)
+
+
 def log_connectivity_and_dtype(
     model: nn.Module,
     example_inputs: Any,
@@ -712,13 +723,18 @@ def log_connectivity_and_dtype(
             "absolute-valued network overflows. Check the model for huge weights or unbounded layers."
         )
     if value == 0.0:
+        where = _where_the_flow_is_lost(model, inputs, params, bn_flow).get("vanishes")
         raise ConnectivityError(
             "connectivity is 0: no signal reaches the output, the network is disconnected "
-            "(some layer has no remaining channel or all its weights are zero)."
+            + (f"(the flow is zero in every entry from {where} on)." if where else
+               "(some layer has no remaining channel or all its weights are zero).")
         )
     if value < 0.0:
+        where = _where_the_flow_is_lost(model, inputs, params, bn_flow).get("negative")
         raise ConnectivityError(
-            f"connectivity is negative ({value:.3g}): a module subtracts from the signal "
-            "(e.g. BatchNorm running means or LayerNorm centering dominate), so log phi_tot is undefined."
+            f"connectivity is negative ({value:.3g}): a module subtracts from the signal, so log phi_tot is "
+            "undefined; " + (f"negative values first appear at {where}" if where else
+                             "e.g. BatchNorm running means (bn_flow='stats') dominate")
+            + ". Try bn_flow='gamma', or measure a model that returns the values before that layer."
         )
     return torch.log(phi) + log_scale, attempt

@@ -1,4 +1,5 @@
 """Signal-flow connectivity: exact values, gradients, precision fallback and errors."""
+import copy
 import itertools
 import math
 
@@ -6,6 +7,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+from connect_tp import engine
 from connect_tp.connectivity import (
     ConnectivityError,
     connectivity_inputs,
@@ -158,11 +160,40 @@ def test_dict_inputs_and_logits_output():
     assert math.isfinite(log_connectivity(model, example, n_samples=2).item())
 
 
-def test_disconnected_network_is_an_error():
-    model = nn.Sequential(nn.Linear(3, 4, bias=False), nn.Linear(4, 2, bias=False))
-    nn.init.zeros_(model[1].weight)
-    with pytest.raises(ConnectivityError, match="disconnected"):
+def test_disconnected_network_is_an_error_naming_the_layer():
+    # units 0-1 of the first layer see no input, units 2-3 reach no output: no path is left, yet no
+    # weight tensor is zero everywhere (an all-zero one is a zero-initialised layer, see below)
+    model = nn.Sequential(nn.Linear(3, 4, bias=False), nn.ReLU(), nn.Linear(4, 2, bias=False))
+    with torch.no_grad():
+        model[0].weight[:2] = 0
+        model[2].weight[:, 2:] = 0
+    with pytest.raises(ConnectivityError, match=r"disconnected \(the flow is zero in every entry from '2' \(Linear\)"):
         log_connectivity(model, torch.rand(1, 3))
+
+
+def test_negative_connectivity_names_the_layer():
+    # bn_flow="stats" subtracts the running mean: the flow turns negative at the BatchNorm
+    model = nn.Sequential(nn.Linear(3, 4, bias=False), nn.BatchNorm1d(4), nn.Linear(4, 2, bias=False)).eval()
+    with torch.no_grad():
+        model[1].running_mean.fill_(100.0)
+    with pytest.raises(ConnectivityError, match=r"negative .*first appear at '1' \(BatchNorm1d\)"):
+        log_connectivity(model, torch.rand(1, 3), bn_flow="stats")
+
+
+def test_a_zero_initialised_head_is_measured_as_ones_with_a_warning():
+    # torchvision's vit_b_16 starts its head at zero: phi would be 0 and every gradient undefined
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    nn.init.zeros_(model[2].weight)
+    nn.init.zeros_(model[2].bias)
+    with pytest.warns(engine.ConnectivityRuleWarning, match=r"zero-initialised\): '2.weight'.*all-ones"):
+        log_phi = log_connectivity(model, torch.rand(1, 3), n_samples=3, seed=0)
+    grads = torch.autograd.grad(log_phi, [model[0].weight])
+    assert float(grads[0].abs().min()) > 0
+    reference = copy.deepcopy(model)  # the rule is exactly a head of ones
+    with torch.no_grad():
+        reference[2].weight.fill_(1.0)
+    expected = log_connectivity(reference, torch.rand(1, 3), n_samples=3, seed=0)
+    assert log_phi.item() == pytest.approx(expected.item(), rel=1e-6)
 
 
 def test_infinite_weights_are_an_error():
@@ -266,28 +297,54 @@ class NormalizedOutput(nn.Module):
         h = self.body(x)
         if self.last == "softmax":
             return torch.softmax(h, -1)
+        if self.last == "centre":
+            return h - h.mean(-1, keepdim=True)
         return self.norm(h)
 
 
 def test_centred_output_names_the_layer():
-    model = NormalizedOutput("layernorm")
-    model.norm = nn.LayerNorm(6, elementwise_affine=False)
-    with pytest.raises(ConnectivityError, match=r"centred.*'norm' \(LayerNorm without affine\)"):
+    model = NormalizedOutput("centre")
+    with pytest.raises(ConnectivityError, match=r"centred.*NormalizedOutput.forward"):
         log_connectivity(model, torch.rand(1, 4))
 
 
-def test_softmax_output_warns_and_names_the_function():
+def test_layernorm_is_measured_without_centering():
+    # centering a flow >= 0 makes half of it negative (a ViT's phi went negative); the signal view
+    # divides by the RMS over the normalized dimensions instead, with |gamma| and |beta|
+    model = NormalizedOutput("layernorm")
+    model.norm = nn.LayerNorm(6)
+    with torch.no_grad():
+        model.norm.weight.uniform_(-2, 2)
+        model.norm.bias.uniform_(-1, 1)
+    x = connectivity_inputs(model, torch.rand(1, 4), 3, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        h = torch.nn.functional.linear(x, model.body.weight.abs(), model.body.bias.abs())
+        out = h / torch.sqrt(h.pow(2).mean(-1, keepdim=True) + model.norm.eps) * model.norm.weight.abs() \
+            + model.norm.bias.abs()
+    got = log_connectivity(model, torch.rand(1, 4), n_samples=3, seed=0)
+    assert got.item() == pytest.approx(float(torch.log(out.double().sum(1).mean())), rel=1e-6)
+    with torch.no_grad():
+        centred = torch.nn.functional.layer_norm(h, (6,), model.norm.weight.abs(), model.norm.bias.abs())
+    assert abs(float(torch.log(centred.double().sum(1).mean())) - got.item()) > 0.1  # the rule matters here
+
+
+def test_softmax_output_is_measured_on_the_logits_with_a_warning():
     import torch_pruning as tp
 
     from connect_tp import ConnectImportance
 
     model = NormalizedOutput("softmax")
+    with pytest.warns(engine.ConnectivityRuleWarning, match="output comes from the function softmax.*logits"):
+        log_phi = log_connectivity(model, torch.rand(1, 4), n_samples=3, seed=0)
+    assert log_phi.item() == pytest.approx(log_connectivity(model.body, torch.rand(1, 4), n_samples=3, seed=0).item(),
+                                           rel=1e-6)
     model(torch.rand(3, 4)).sum().backward()
     graph = tp.DependencyGraph().build_dependency(model, example_inputs=torch.rand(1, 4))
     group = graph.get_pruning_group(model.body, tp.prune_linear_out_channels, idxs=list(range(6)))
     imp = ConnectImportance(lam=1.0, example_inputs=torch.rand(1, 4))
-    with pytest.warns(UserWarning, match="softmax in NormalizedOutput.forward"):
-        imp(group)
+    scores = imp(group)  # (the rule warned once for this model, above)
+    taylor = (model.body.weight * model.body.weight.grad).abs().sum(1)
+    assert not torch.allclose(scores / scores.mean(), taylor / taylor.mean(), rtol=1e-3)  # not Taylor's
 
 
 def test_meta_device_is_a_clear_error():

@@ -332,8 +332,10 @@ def test_sign_proof_of_the_model_zoo():
         assert engine.affine_by_signs(model.eval(), "gamma") and engine.affine_by_signs(model, "identity")
         assert not engine.affine_by_signs(model, "stats")  # the shift -mean * scale may be negative
     assert not engine.affine_by_signs(vgg19_bn(num_classes=10).eval(), "gamma")  # max-pool picks per sample
-    hard = nn.Sequential(nn.Linear(2, 2), nn.Hardtanh(0.0, 1.0), nn.Linear(2, 1)).eval()
-    assert not engine.affine_by_signs(hard, "gamma")  # the upper bound is a kink a flow >= 0 can reach
+    hard = nn.Sequential(nn.Linear(2, 2), nn.Hardtanh(0.5, 1.0), nn.Linear(2, 1)).eval()
+    assert not engine.affine_by_signs(hard, "gamma")  # a floor above 0 is a kink a flow >= 0 can reach
+    six = nn.Sequential(nn.Linear(2, 2), nn.ReLU6(), nn.Linear(2, 1)).eval()
+    assert engine.affine_by_signs(six, "gamma")  # the signal view opens the ceiling: a ReLU on flows >= 0
     free = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, track_running_stats=False), nn.ReLU()).eval()
     assert not engine.affine_by_signs(free, "gamma")  # batch statistics: not affine
 

@@ -53,6 +53,9 @@ The package, by idea:
   ``"structure"`` and ``"reach"`` views), :func:`run_traced`, :func:`output_flow`,
   :func:`layer_flows`, and the two tests that let the importance differentiate one mean input:
   :func:`affine_by_signs` (from the graph alone) and :func:`affine_on_samples` (one pass).
+* :mod:`.rules`: the signal view's rules for the modules that break a positive path sum
+  (saturating and ReLU-like activations, gates, norms, zero-initialised layers, output softmax,
+  ``cat`` with constants) and :class:`ConnectivityRuleWarning`; docs/engine.md says why each.
 * :mod:`.appendix_b`: the ``"normalized"`` and ``"effective"`` views: :class:`AppendixBGraph`,
   ``_AppendixBPass``, :class:`LeafTracer`, the module and function rules
   (``appendix_b_module_kind``, :class:`UnsupportedModuleError`, ``Handler``).
@@ -65,14 +68,17 @@ This package uses torch and ``torch.fx``; the appendix-B views take ``ChannelSca
 :mod:`connect_tp.regularizer` (which imports this package). :mod:`connect_tp.connectivity` builds
 the signal view's inputs and checks its result.
 """
-from . import appendix_b as _appendix_b, scaled as _scaled, trace as _tracing, views as _views
+from . import appendix_b as _appendix_b, rules, scaled as _scaled, trace as _tracing, views as _views
 from .appendix_b import AppendixBGraph, LeafTracer, UnsupportedModuleError
+from .rules import ConnectivityRuleWarning
 from .scaled import Binarize, NeedsFallback, Scaled
 from .trace import traced_graph
-from .views import APPENDIX_B_VIEWS, VIEWS, affine_by_signs, affine_on_samples, layer_flows, output_flow, run_traced
+from .views import (APPENDIX_B_VIEWS, VIEWS, affine_by_signs, affine_on_samples, layer_flows, locate_flow_loss,
+                    output_flow, run_traced)
 
-__all__ = ["APPENDIX_B_VIEWS", "AppendixBGraph", "Binarize", "LeafTracer", "VIEWS", "NeedsFallback", "Scaled",
-           "UnsupportedModuleError", "affine_by_signs", "affine_on_samples", "layer_flows", "output_flow", "run_traced", "traced_graph"]
+__all__ = ["APPENDIX_B_VIEWS", "AppendixBGraph", "Binarize", "ConnectivityRuleWarning", "LeafTracer", "VIEWS",
+           "NeedsFallback", "Scaled", "UnsupportedModuleError", "affine_by_signs", "affine_on_samples", "layer_flows",
+           "locate_flow_loss", "output_flow", "run_traced", "traced_graph"]
 
 # Names outside __all__ that callers read as ``engine.X`` (as when the engine was one module).
 Handler = _appendix_b.Handler

@@ -22,6 +22,7 @@ from torch.func import functional_call
 from .scaled import (Binarize, NeedsFallback, Scaled, _add, _affine, _aligned, _any_scaled, _clamp, _div,
                      _is_scaled, _materialize, _mul, _multilinear, _scaled_in, _wrap)
 from .trace import CONV_TYPES, _AbsFoldedConv, _conv_batchnorm_pairs, _refolds, _trace
+from . import rules
 
 VIEWS = ("signal", "structure", "reach", "normalized", "effective")  # the last two: see AppendixBGraph
 APPENDIX_B_VIEWS = ("normalized", "effective")  # run through appendix_b.AppendixBGraph
@@ -58,6 +59,15 @@ _PARAMETER_FREE_MODULES = (
 )
 
 
+def _is_eval_identity(target: Any) -> bool:
+    """A function that is the identity in eval mode (torchvision's ``stochastic_depth``)."""
+    return getattr(target, "__name__", None) == "stochastic_depth" and \
+        str(getattr(target, "__module__", "")).startswith("torchvision")
+
+
+_RMS_NORM = (nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()
+
+
 _MAX_TO_AVG = {
     nn.MaxPool1d: F.avg_pool1d, nn.MaxPool2d: F.avg_pool2d, nn.MaxPool3d: F.avg_pool3d,
     nn.AdaptiveMaxPool1d: F.adaptive_avg_pool1d, nn.AdaptiveMaxPool2d: F.adaptive_avg_pool2d,
@@ -82,6 +92,8 @@ class _Pass:
         self.buffers = dict(model.named_buffers())
         self._abs: Dict[str, torch.Tensor] = {}
         self.layer_outputs: Dict[str, Scaled] = {}
+        # all-zero weights measured as all-ones in the signal view (rules.zero_initialised)
+        self.zero_init = rules.zero_initialised(model, params) if view == "signal" else set()
 
     # -- parameters in this view
     def param(self, name: str) -> Optional[torch.Tensor]:
@@ -90,7 +102,9 @@ class _Pass:
         if self.view == "reach":
             return self.params[name]  # already the 0/1 edge indicators (see run_traced)
         if name not in self._abs:
-            self._abs[name] = self.params[name].abs()
+            p = self.params[name]
+            # p is 0 there: |p| + 1 is all-ones and keeps the (zero) gradient to p
+            self._abs[name] = p.abs() + 1.0 if name in self.zero_init else p.abs()
         return self._abs[name]
 
     def const(self, name: str) -> Optional[torch.Tensor]:
@@ -109,7 +123,7 @@ class _Pass:
             return self.finish(target, _affine(x, lambda v: F.linear(v, w), self.const(prefix + "bias")))
         if isinstance(m, CONV_TYPES):
             raw = self.params.get(prefix + "weight") if self.view != "reach" else None
-            refold = _refolds(m, raw)
+            refold = _refolds(m, raw) and prefix + "weight" not in self.zero_init
             w = raw if refold else self.param(prefix + "weight")
             b = self.const(prefix + "bias")
             bn_target = self.fused.get(target)
@@ -138,8 +152,8 @@ class _Pass:
             if isinstance(m, nn.LeakyReLU):
                 return self.node(Scaled(F.leaky_relu(x.value, m.negative_slope), x.log_scale))
             return x
-        if isinstance(m, nn.Hardtanh):  # ReLU6 included
-            return self.node(_clamp(x, m.min_val, m.max_val))
+        if isinstance(m, nn.Hardtanh):  # ReLU6 included; the ceiling is open (rules.open_clamp)
+            return self.node(rules.open_clamp(x, m.min_val, m.max_val))
         if self.view == "reach" and type(m) in _MAX_TO_AVG:
             # a max passes on one input per window; reachability needs every non-zero input
             if isinstance(m, (nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d)):
@@ -149,8 +163,12 @@ class _Pass:
                                                          count_include_pad=False)))
         if isinstance(m, _PARAMETER_FREE_MODULES):
             return self.node(Scaled(m(x.value), x.log_scale))
-        if isinstance(m, (nn.LayerNorm, nn.GroupNorm)) and self.view == "signal":
+        if isinstance(m, (nn.LayerNorm, nn.GroupNorm) + _RMS_NORM) and self.view == "signal":
             return self.norm(m, prefix, x)
+        if self.view == "signal" and type(m) in rules.RELU_LIKE_MODULES:
+            return rules.relu_like(x, *rules.RELU_LIKE_MODULES[type(m)](m))
+        if self.view == "signal" and isinstance(m, rules.GATE_MODULES):
+            return rules.gate(x)
         if self.view != "signal":
             raise NeedsFallback(f"module {target!r} ({type(m).__name__}) has no rule in the {self.view!r} view")
         return self.generic_module(m, prefix, args, kwargs)
@@ -196,25 +214,57 @@ class _Pass:
         linear = (lambda v: v) if scale is None else (lambda v: v * scale.view(shape))
         return self.node(_affine(x, linear, None if shift is None else shift.view(shape)))
 
+    def functional_batchnorm(self, x: Scaled, args: tuple, kwargs: dict) -> Scaled:
+        """``F.batch_norm`` with running statistics (timm's BatchNormAct2d): as a BatchNorm module.
+
+        The pass is an eval pass, so the running statistics are used whatever ``training`` flag
+        the trace recorded; without them (batch statistics) it is evaluated as it is.
+        """
+        def arg(i: int, name: str, default: Any = None) -> Any:
+            return args[i] if len(args) > i else kwargs.get(name, default)
+
+        mean, var, gamma, beta = arg(1, "running_mean"), arg(2, "running_var"), arg(3, "weight"), arg(4, "bias")
+        eps = arg(7, "eps", 1e-5)
+        if mean is None or var is None:
+            return _wrap(F.batch_norm(x.materialized(), mean, var, gamma, beta, True, 0.0, eps))
+        mode = self.bn_flow if self.view == "signal" else "gamma_over_sigma"
+        if mode == "identity":
+            return x
+        dtype = x.value.dtype
+        shape = (1, -1) + (1,) * (x.value.dim() - 2)
+        if mode == "gamma":
+            scale, shift = gamma, None
+        else:
+            inv_std = torch.rsqrt(var + eps).to(dtype)
+            scale = inv_std if gamma is None else gamma * inv_std
+            shift = None
+            if mode == "stats":
+                shift = -mean.to(dtype) * scale
+                if beta is not None:
+                    shift = shift + beta
+        if self.view == "reach" and scale is not None:
+            scale = (scale != 0).to(dtype)
+        linear = (lambda v: v) if scale is None else (lambda v: v * scale.view(shape))
+        return self.node(_affine(x, linear, None if shift is None else shift.view(shape)))
+
     def norm(self, m: nn.Module, prefix: str, x: Scaled) -> Scaled:
-        """LayerNorm / GroupNorm: scale-free up to eps, which is rescaled with the signal."""
-        try:
-            eps = m.eps * math.exp(-2.0 * x.log_scale)
-        except OverflowError:
-            eps = math.inf
-        if not math.isfinite(eps) or eps > torch.finfo(x.value.dtype).max:
-            raise NeedsFallback("a normalization layer sees a signal far below its eps")
+        """LayerNorm / GroupNorm / RMSNorm without centering (:func:`.rules.uncentered_norm`)."""
         w, b = self.param(prefix + "weight"), self.param(prefix + "bias")
-        if isinstance(m, nn.LayerNorm):
-            return Scaled(F.layer_norm(x.value, m.normalized_shape, w, b, eps)).renormalized()
-        return Scaled(F.group_norm(x.value, m.num_groups, w, b, eps)).renormalized()
+        if isinstance(m, nn.GroupNorm):
+            return rules.group_norm(x, m.num_groups, w, b, m.eps)
+        eps = getattr(m, "eps", None)
+        eps = torch.finfo(x.value.dtype).eps if eps is None else eps
+        return rules.layer_norm(x, m.normalized_shape, w, b, eps)
 
     def generic_module(self, m: nn.Module, prefix: str, args: tuple, kwargs: dict) -> Any:
         """Any other module: evaluated on plain values with |parameters|."""
         own = {n: self.param(prefix + n) for n, _ in m.named_parameters()}
         own.update({n: b for n, b in m.named_buffers()})
-        out = functional_call(m, own, _materialize(args), _materialize(kwargs))
-        return _wrap(out)
+        try:
+            plain_args, plain_kwargs = _materialize(args), _materialize(kwargs)
+        except NeedsFallback as exc:
+            raise NeedsFallback(f"module {prefix[:-1]!r} ({type(m).__name__}) has no signal-flow rule, and {exc}") from None
+        return _wrap(functional_call(m, own, plain_args, plain_kwargs))
 
     def call_function(self, node: fx.Node, args: tuple, kwargs: dict) -> Any:
         target, is_method = node.target, node.op == "call_method"
@@ -254,22 +304,35 @@ class _Pass:
             else:
                 b = None
             return self.node(_affine(first, lambda v: target(v, w, None, *rest, **kwargs), b))
-        if is_(_DROPOUT):
-            return first
-        if is_({F.hardtanh, F.relu6}) and _is_scaled(first):
+        if is_(_DROPOUT) or (not is_method and _is_eval_identity(target)):
+            return first  # the pass is an eval pass, whatever training flag the trace recorded
+        if is_({F.hardtanh, F.relu6}) and _is_scaled(first):  # the ceiling is open (rules.open_clamp)
             if target is F.relu6:
-                return self.node(_clamp(first, 0.0, 6.0))
+                return self.node(rules.open_clamp(first, 0.0, 6.0))
             low = args[1] if len(args) > 1 else kwargs.get("min_val", -1.0)
             high = args[2] if len(args) > 2 else kwargs.get("max_val", 1.0)
-            return self.node(_clamp(first, low, high))
+            return self.node(rules.open_clamp(first, low, high))
         if is_({torch.clamp}, ("clamp", "clamp_")) and _is_scaled(first) and not _any_scaled(args[1:]):
             low = args[1] if len(args) > 1 else kwargs.get("min")
             high = args[2] if len(args) > 2 else kwargs.get("max")
             if not isinstance(low, torch.Tensor) and not isinstance(high, torch.Tensor):
-                return self.node(_clamp(first, low, high))
-        if is_({torch.cat, torch.stack}) and isinstance(first, (list, tuple)) and all(_is_scaled(t) for t in first):
-            values, log_scale = _aligned(first)
-            return Scaled(target(values, *args[1:], **kwargs), log_scale)
+                return self.node(rules.open_clamp(first, low, high))
+        if is_({torch.cat, torch.stack}) and isinstance(first, (list, tuple)) and any(_is_scaled(t) for t in first) \
+                and all(_is_scaled(t) or isinstance(t, torch.Tensor) for t in first):
+            if all(_is_scaled(t) for t in first):
+                values, log_scale = _aligned(first)
+                return Scaled(target(values, *args[1:], **kwargs), log_scale)
+            return rules.concat(target, list(first), args[1:], kwargs)  # constants: rescaled with the flow
+        if self.view == "signal" and _is_scaled(first) and not _any_scaled((args[1:], kwargs)):
+            if is_(rules.RELU_LIKE_FUNCTIONS, rules.RELU_LIKE_METHODS):
+                return rules.relu_like(first, *rules.relu_like_function(target, args, kwargs))
+            if is_(rules.GATE_FUNCTIONS, rules.GATE_METHODS):
+                return rules.gate(first)
+        if is_({F.batch_norm}) and _is_scaled(first) and not _any_scaled((args[1:], kwargs)):
+            return self.functional_batchnorm(first, args, kwargs)
+        if self.view == "signal" and is_(rules.NORM_FUNCTIONS) and _is_scaled(first) \
+                and not _any_scaled((args[1:], kwargs)):
+            return rules.norm_function(target, first, args, kwargs)
         if (is_(_HOMOGENEOUS_FUNCTIONS, _HOMOGENEOUS_METHODS) and _is_scaled(first)
                 and not _any_scaled((args[1:], kwargs))):
             if target is torch.nn.functional.pad and (kwargs.get("mode", "constant") != "constant"
@@ -294,7 +357,11 @@ class _Pass:
         if self.view != "signal":
             label = target if is_method else getattr(target, "__name__", str(target))
             raise NeedsFallback(f"operation {label!r} has no rule in the {self.view!r} view")
-        plain_args, plain_kwargs = _materialize(args), _materialize(kwargs)
+        try:
+            plain_args, plain_kwargs = _materialize(args), _materialize(kwargs)
+        except NeedsFallback as exc:
+            label = target if is_method else getattr(target, "__name__", str(target))
+            raise NeedsFallback(f"operation {label!r} (node {node.name!r}) has no signal-flow rule, and {exc}") from None
         out = getattr(plain_args[0], target)(*plain_args[1:], **plain_kwargs) if is_method else \
             target(*plain_args, **plain_kwargs)
         return _wrap(out)
@@ -371,6 +438,9 @@ def run_traced(
     else:
         run = _Pass(model, params, view, bn_flow, fused)
     run.keep_layer_outputs = layer_outputs
+    # a softmax / log-softmax / sigmoid that the model returns is measured on its input (rules.py)
+    output_activations = rules.output_activations(model, graph) if view == "signal" else {}
+    skipped = []
     env: Dict[fx.Node, Any] = {}
     # Each value is dropped after its last user ran: autograd keeps what the backward needs, the
     # rest (layer outputs a ReLU replaced, residual inputs after the sum) is freed at once.
@@ -394,6 +464,10 @@ def run_traced(
         args = fx.node.map_arg(node.args, lambda n: env[n])
         kwargs = fx.node.map_arg(node.kwargs, lambda n: env[n])
         if node.op == "output":
+            if run.zero_init:
+                rules.warn_once(model, rules.zero_initialised_message(run.zero_init))
+            if skipped:
+                rules.warn_once(model, rules.output_activation_message(skipped))
             return args[0], run.layer_outputs
         if node.op == "get_attr":
             value = run.param(node.target)
@@ -403,6 +477,9 @@ def run_traced(
                     obj = getattr(obj, part)
                 value = obj
             env[node] = value
+        elif node in output_activations and args and _is_scaled(args[0]):
+            env[node] = args[0]
+            skipped.append(output_activations[node])
         elif node.op == "call_module":
             env[node] = run.call_module(node.target, args, kwargs)
         else:
@@ -512,6 +589,12 @@ def affine_by_signs(model: nn.Module, bn_flow: str, graph: Optional[fx.Graph] = 
             if len(operands) != 1 or node.args[:1] != (operands[0],):
                 return False  # a product of two flows (x * x too), or a flow in a denominator: not affine
         inputs_nonneg = all(nonneg[a] for a in flows)
+        if rule == "keeps" and node.op == "call_function" and node.target in (torch.cat, torch.stack):
+            tensors = node.args[0] if node.args else node.kwargs.get("tensors", ())
+            if not isinstance(tensors, (list, tuple)) or any(not isinstance(t, fx.Node) or t not in nonneg
+                                                              for t in tensors):
+                nonneg[node] = False  # a constant tensor (coordinates, padding) of unknown sign
+                continue
         if rule == "keeps":
             nonneg[node] = inputs_nonneg and _constants_nonneg(node, flows)
         elif rule == "relu" and inputs_nonneg and len(flows) == 1:
@@ -553,20 +636,44 @@ def _sign_rule(model: nn.Module, node: fx.Node, bn_flow: str) -> Optional[str]:
             return "keeps"
         if isinstance(m, (nn.ReLU, nn.LeakyReLU)):
             return "relu"
+        if isinstance(m, nn.Hardtanh):  # ReLU6 included
+            return _clamp_sign_rule(m.min_val, m.max_val)
         return None
     if node.op == "call_method":
         if target in ("relu", "relu_"):
             return "relu"
+        if target in ("clamp", "clamp_"):
+            return _clamp_sign_rule(*_clamp_bounds(node.args, node.kwargs))
         return "keeps" if target in _SIGN_KEEPING_METHODS else None
     if node.op != "call_function":
         return None
     if target in _RELU_FUNCTIONS:
         return "relu"
+    if target is F.relu6:
+        return "relu"
+    if target is F.hardtanh:
+        return _clamp_sign_rule(node.args[1] if len(node.args) > 1 else node.kwargs.get("min_val", -1.0),
+                                node.args[2] if len(node.args) > 2 else node.kwargs.get("max_val", 1.0))
+    if target is torch.clamp:
+        return _clamp_sign_rule(*_clamp_bounds(node.args, node.kwargs))
     if target in _SIGN_KEEPING_FUNCTIONS:
         return "keeps"
     if target in _SUB or target in _CONV_FUNCTIONS or target is F.linear or target in (operator.neg, torch.neg):
         return "linear"  # affine in the flow (a weight passed as a tensor need not be |W|)
     return None
+
+
+def _clamp_bounds(args: tuple, kwargs: dict) -> tuple:
+    return (args[1] if len(args) > 1 else kwargs.get("min"), args[2] if len(args) > 2 else kwargs.get("max"))
+
+
+def _clamp_sign_rule(low: Any, high: Any) -> Optional[str]:
+    """A clamp whose floor is <= 0 (or absent) and whose ceiling the signal view opens is the
+    identity on flows >= 0, as a ReLU is (``"relu"``); anything else is a kink they can cross."""
+    numbers = all(b is None or (isinstance(b, (int, float)) and not isinstance(b, bool)) for b in (low, high))
+    if not numbers or rules.open_high(low, high) is not None or (low is not None and low > 0):
+        return None
+    return "relu"
 
 
 def _constants_nonneg(node: fx.Node, flows: list) -> bool:
@@ -617,8 +724,8 @@ def _piece_rule(model: nn.Module, node: fx.Node, args: tuple, kwargs: dict) -> T
             return "linear", first, None, None
         if isinstance(m, (nn.ReLU, nn.LeakyReLU)):
             return "kinks", first, 0.0, None
-        if isinstance(m, nn.Hardtanh):  # ReLU6 included
-            return "kinks", first, m.min_val, m.max_val
+        if isinstance(m, nn.Hardtanh):  # ReLU6 included; the signal view opens the ceiling
+            return "kinks", first, m.min_val, rules.open_high(m.min_val, m.max_val)
         if isinstance(m, _MAX_POOL_MODULES):
             return "maxpool", first, None, None
         return None, first, None, None
@@ -635,22 +742,23 @@ def _piece_rule(model: nn.Module, node: fx.Node, args: tuple, kwargs: dict) -> T
             low = args[1] if len(args) > 1 else kwargs.get("min")
             high = args[2] if len(args) > 2 else kwargs.get("max")
             if not isinstance(high, torch.Tensor):
-                return "kinks", first, low, high
+                return "kinks", first, low, rules.open_high(low, high)
         return None, first, None, None
     if node.op != "call_function":
         return "linear", first, None, None
     if target in _RELU_FUNCTIONS:
         return "kinks", first, 0.0, None
     if target is F.relu6:
-        return "kinks", first, 0.0, 6.0
+        return "kinks", first, 0.0, None
     if target is F.hardtanh:
-        return "kinks", first, args[1] if len(args) > 1 else kwargs.get("min_val", -1.0), \
-            args[2] if len(args) > 2 else kwargs.get("max_val", 1.0)
+        low = args[1] if len(args) > 1 else kwargs.get("min_val", -1.0)
+        high = args[2] if len(args) > 2 else kwargs.get("max_val", 1.0)
+        return "kinks", first, low, rules.open_high(low, high)
     if target is torch.clamp:
         low = args[1] if len(args) > 1 else kwargs.get("min")
         high = args[2] if len(args) > 2 else kwargs.get("max")
         if not isinstance(low, torch.Tensor) and not isinstance(high, torch.Tensor):
-            return "kinks", first, low, high
+            return "kinks", first, low, rules.open_high(low, high)
         return None, first, None, None
     if target in _MAX_POOL_FUNCTIONS:
         return "maxpool", first, None, None
@@ -759,3 +867,40 @@ def layer_flows(model: nn.Module, example_inputs: Any) -> Dict[str, Any]:
         for name, m, g in zip(layers, wanted, mask_grads)}
     result["connected"] = float(reach_total.detach()) > 0
     return result
+
+
+def locate_flow_loss(model: nn.Module, inputs: Any, params: Optional[Mapping[str, torch.Tensor]] = None,
+                     bn_flow: str = "stats") -> Dict[str, str]:
+    """Where the signal flow first vanishes and where it first turns negative, for error messages.
+
+    One pass without gradients. ``"vanishes"``: the first node whose flow is zero in every entry
+    while a flow it reads is not; ``"negative"``: the first node whose flow has a negative entry
+    while the flows it reads have none. Each is described as ``'name' (Type)`` for a module, or
+    ``the function f (node n)``. Returns the keys it found (an empty dict when the model cannot be
+    traced or nothing was found).
+    """
+    found: Dict[str, str] = {}
+
+    def describe(node: fx.Node) -> str:
+        if node.op == "call_module":
+            return f"{node.target!r} ({type(model.get_submodule(node.target)).__name__})"
+        label = node.target if node.op == "call_method" else getattr(node.target, "__name__", str(node.target))
+        return f"the function {label} (node {node.name!r})"
+
+    def check(node: fx.Node, value: Any, args: tuple, kwargs: dict) -> None:
+        outs, ins = _scaled_in(value), _scaled_in((args, kwargs))
+        if not outs or not ins:
+            return
+        if "vanishes" not in found and all(not bool(o.value.any()) for o in outs) \
+                and any(bool(i.value.any()) for i in ins):
+            found["vanishes"] = describe(node)
+        if "negative" not in found and any(bool((o.value < 0).any()) for o in outs) \
+                and not any(bool((i.value < 0).any()) for i in ins):
+            found["negative"] = describe(node)
+
+    try:
+        with torch.no_grad():
+            run_traced(model, inputs, params, "signal", bn_flow, layer_outputs=False, inspect=check)
+    except Exception:  # a courtesy for an error message: never raise from here
+        pass
+    return found
