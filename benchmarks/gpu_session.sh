@@ -1,5 +1,5 @@
 #!/bin/bash
-# One prepared run of the ranking benchmark on a lent GPU machine (issue 8, item 7), sized for a
+# One prepared run of the ranking benchmark on a lent GPU machine (ResNet-20 and ResNet-56), sized for a
 # single call of about 9 minutes. Run from the repository root; the machine has no internet, so
 # the working tree brings Fashion-MNIST's four .gz files in .fmnist/ and Torch-Pruning's wheel in
 # .whl/ (both git-ignored; how to fill them: docs/gpu.md).

@@ -1,4 +1,4 @@
-"""Do the calibration set size and a per-layer balance act on CoNNect's ranking? (issue 8, item 5)
+"""Do the calibration set size and a per-layer balance act on CoNNect's ranking?
 
 Before tuning a knob, check that it acts. **Calibration set size.** This script scores every channel group of a committed
 ranking base model at the first pruning step, as ``ConnectImportance`` does inside the ranking
