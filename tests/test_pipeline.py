@@ -57,15 +57,21 @@ def test_stages_write_complete_results(run_dir):
     assert higher["params"] < lower["params"] and higher["step"] > lower["step"]
 
 
-def test_table_and_plot(run_dir, tmp_path):
-    assert main(["table", "--runs", run_dir, run_dir, "--output", str(tmp_path)]) == 0
+def test_table_and_plot(run_dir, tmp_path, capsys):
+    assert main(["table", "--runs", run_dir, "--output", str(tmp_path)]) == 0
     markdown = (tmp_path / "table.md").read_text()
     rows = [line for line in markdown.splitlines() if line.startswith("| ") and "x |" in line]
     assert len(rows) == 4 and any("| connect |" in r for r in rows) and any("| l2 |" in r for r in rows)
-    assert " ± 0.00" in markdown  # the same folder twice: two identical "seeds"
+    assert " ± " not in markdown.split("|---|")[-1]  # one seed: no spread
+    assert "**Caveat: preset smoke is a test-sized run" in markdown and "cannot rank them" in markdown
     assert (tmp_path / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = json.loads((tmp_path / "table.json").read_text())
-    assert {r["method"] for r in table["rows"]} == {"connect", "l2"}
+    assert {r["method"] for r in table["rows"]} == {"connect", "l2"} and table["seeds"] == [0]
+    # The same folder twice would be one seed counted as two, with a spread of 0.
+    capsys.readouterr()
+    assert main(["table", "--runs", run_dir, run_dir, "--output", str(tmp_path / "twice")]) == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error: {run_dir} and {run_dir} are the same run folder; give each seed's folder once")
 
 
 def test_resume_skips_finished_work(run_dir):

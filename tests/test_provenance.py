@@ -14,6 +14,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -125,6 +126,25 @@ def test_finetune_resume_after_retraining_and_repruning_is_an_error(run, capsys)
     assert r["provenance"]["finetune"]["parent"]["sha256"] == sha256_file(str(run / "pruned" / "random_2x.pt"))
 
 
+def test_table_after_retraining_the_base_is_refused(run, tmp_path, capsys):
+    # The table printed the new base's accuracy above rows pruned from the old one; prune and finetune refused.
+    assert main(["table", "--runs", str(run), "--output", str(tmp_path / "before")]) == 0
+    assert stage("train", run, "--epochs", "2") == 0
+    capsys.readouterr()
+    assert main(["table", "--runs", str(run), "--output", str(tmp_path / "after")]) == 1
+    err = _last_line(capsys.readouterr().err)
+    assert err.startswith(f"error: {run / 'results' / 'l2_2x.json'} was pruned from another base model")
+    assert str(run / "base.json") in err and sha256_file(str(run / "base.pt"))[:12] in err
+    assert not (tmp_path / "after").exists() or not os.listdir(tmp_path / "after")
+
+
+def test_table_of_a_copied_seed_folder_is_refused(run, tmp_path, capsys):
+    copy = shutil.copytree(run, tmp_path / "copy")
+    assert main(["table", "--runs", str(run), str(copy), "--output", str(tmp_path / "t")]) == 1
+    err = _last_line(capsys.readouterr().err)
+    assert f"{run / 'base.json'} and {copy / 'base.json'} are both the base model of seed 0" in err
+
+
 def test_prune_over_a_finetuned_folder_keeps_result_and_model_together(run, capsys):
     # issue 10: results/l2_2.5x.json ended with the old pruning's numbers next to the new pruned model
     assert main(["prune"] + COMMON + ["--out", str(run), "--methods", "l2", "--speed-up", "2",
@@ -140,9 +160,10 @@ def test_second_writer_during_a_real_finetune_is_refused(run, capsys):
         "--ft-epochs", "50"]
     proc = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.time() + 60
-        while not (run / LOCK_NAME).exists() and time.time() < deadline:
+        deadline = time.time() + _patience(120)
+        while not (run / LOCK_NAME).exists() and time.time() < deadline and proc.poll() is None:
             time.sleep(0.1)
+        assert (run / LOCK_NAME).exists(), "the fine-tuning never took the lock"
         assert stage("prune", run, "--iterative-steps", "15") == 1
         err = _last_line(capsys.readouterr().err)
         assert f"in use by pid {proc.pid}" in err and "finetune" in err
@@ -223,15 +244,47 @@ def test_full_disk_during_training_is_one_error_naming_the_checkpoint(tmp_path):
     assert "Traceback" not in done.stderr and not (out / "base.json").exists()
 
 
+def _patience(seconds):
+    """``seconds`` on an idle machine, stretched by the load: a safety net, never the condition waited for."""
+    load = os.getloadavg()[0] / (os.cpu_count() or 1) if hasattr(os, "getloadavg") else 1.0
+    return seconds * max(1.0, load)
+
+
+def _wait_for_line(proc, text):
+    """Read ``proc.stdout`` until a line contains ``text``; the lines read so far. Waits on the event, not the clock.
+
+    The reader thread ends when the process does; the timeout only guards against a hung process.
+    """
+    seen, found = [], threading.Event()
+
+    def read():
+        for line in proc.stdout:
+            seen.append(line)
+            if text in line:
+                found.set()
+                return
+        found.set()  # the process ended first: the caller sees it by proc.poll()
+
+    threading.Thread(target=read, daemon=True).start()
+    assert found.wait(_patience(900)), f"no line with {text!r} yet; output so far: {''.join(seen)[-2000:]}"
+    return seen
+
+
 def test_ctrl_c_of_a_real_training(tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "connect_tp.cli", "train"] + COMMON + ["--out", str(out), "--epochs", "40"]
     proc = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while not (out / "base.pt").exists() and time.time() < deadline:
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGINT)
-    stdout, stderr = proc.communicate(timeout=120)
+    try:
+        # The epoch line is printed after the checkpoint is saved and recorded: interrupting from then on
+        # must report a resumable checkpoint, however slowly the machine got there.
+        _wait_for_line(proc, "train: epoch 1/40")
+        assert proc.poll() is None, proc.stderr.read()[-2000:]
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=_patience(300))
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
     assert proc.returncode == 130, stderr[-2000:]
     assert "interrupted" in stderr and "of 40 epochs saved (resumable)" in stderr and "Traceback" not in stderr
     assert _last_line(stderr) == f"to continue: connect-tp train --preset smoke --threads 1 --out {out} --epochs 40 --resume"
