@@ -1,0 +1,708 @@
+"""The robustness benchmark: many pruning trajectories per criterion, the worst one first.
+
+A criterion that is best on average can still empty a stage of the network on one base model out of
+five. This benchmark runs every criterion on several base models (seeds) and several calibration
+draws per base, and reports per criterion the mean, the worst trajectory and the number of
+*collapsed* trajectories (:func:`collapse_reasons`) at 8x and 16x MAC speed-up.
+
+    # everything: base models, then prune-only trajectories, then fine-tunings (one command, resumable)
+    python -m benchmarks.robustness run --seeds 3 4 5 6 7 --draws 0 1 --workers 15 --device cuda \\
+        --deadline 470 --root runs/robustness --data-dir .fmnist
+    # tables: benchmarks/results/robustness/{summary.json,table.md}
+    python -m benchmarks.robustness summarize runs/robustness --output benchmarks/results/robustness
+
+Protocol (the ``ranking-cosine`` preset's recipe; docs/benchmarks.md, "The robustness benchmark"):
+
+- base model: ResNet-20 on all 60k Fashion-MNIST training images, 8 epochs (SGD 0.1, x0.1 at 4, 6);
+- pruning: Torch-Pruning's 400-step global loop, the classifier ignored, snapshots at 8x and 16x;
+  gradient criteria use 256 fixed calibration images, one *draw* of them per (base, draw) pair,
+  shared by every criterion;
+- each snapshot: its widths, the layer-collapse flags of :func:`connect_tp.pruning.layer_report`,
+  test accuracy raw and after re-estimating BatchNorm on the calibration images (prune-only, cheap);
+- the trajectories that decide: one fine-tuning epoch on all 60k images, the rate decayed to 0 by a
+  per-batch cosine, then the 10k test images.
+
+Every job writes its own JSON file, so the same ``run`` command continues where a deadline stopped
+it; a criterion is a *method spec*: a pipeline method name (:mod:`connect_tp.pipeline.methods`),
+optionally followed by ``+variant`` options of this benchmark (:data:`VARIANTS`).
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+# --------------------------------------------------------------------------------- the definitions
+# Written before any trajectory of this benchmark ran; the summary applies them to every result.
+# They judge the last stage only: at 16x every criterion leaves the first stage's residual stream at
+# 1-3 channels and some second-stage convolutions at 1 (where the MACs are), and those models still
+# fine-tune to 80-86 % (the ranking benchmark, seeds 0-2), so counting them would flag every
+# trajectory. The failure this benchmark looks for empties the last stage: 41.7 % with its stream at
+# 3 channels and one of its convolutions at 1.
+STREAM_MIN = 4
+"""The last stage's residual stream at this many channels or fewer is a collapse."""
+CONV_MIN = 1
+"""A last-stage convolution left with this many output channels or fewer is a collapse."""
+FINETUNED_16X_MIN = 70.0
+"""At 16x, a fine-tuned accuracy (%) below this is a collapse (the structure could not be repaired)."""
+TARGETS = (8.0, 16.0)
+
+PROTOCOL = dict(epochs=8, lr=0.1, milestones=[4, 6], weight_decay=5e-4, batch_size=128,
+                train_subset=None, test_subset=None, iterative_steps=400, calibration_samples=256,
+                ft_epochs=1, ft_lr=0.01, ft_schedule="cosine")
+"""The recipe (the ``ranking-cosine`` preset's numbers); ``run --tiny`` shrinks it for a smoke test."""
+
+TINY = dict(PROTOCOL, epochs=1, milestones=[], train_subset=512, test_subset=256, iterative_steps=40,
+            calibration_samples=64)
+
+VARIANTS = {
+    "refresh": "BatchNorm statistics re-estimated on the calibration images before every pruning step",
+}
+"""``+variant`` suffixes of a method spec and what they change."""
+
+DEFAULT_METHODS = ["connect", "l2", "l1", "connect-k100", "connect-kinf", "connect-kinf-bngamma", "lamp",
+                   "random", "taylor", "uniform", "connect+refresh", "connect-kinf-bnidentity"]
+"""Run order: the default and the built-ins that collapsed elsewhere first, so a cut-off run has them."""
+
+
+def parse_spec(spec: str) -> Tuple[str, List[str]]:
+    """``"connect+refresh"`` -> ``("connect", ["refresh"])``; the method name is checked.
+
+    Raises:
+        ValueError: an unknown method name or variant, naming the accepted ones.
+    """
+    from connect_tp.pipeline.methods import parse_method
+
+    name, *variants = spec.split("+")
+    parse_method(name)
+    for v in variants:
+        if v not in VARIANTS:
+            raise ValueError(f"unknown variant +{v} in {spec!r}; choose from {sorted(VARIANTS)}")
+    if len(set(variants)) != len(variants):
+        raise ValueError(f"variant repeated in {spec!r}")
+    return name, variants
+
+
+def calibration_seed(seed: int, draw: int) -> int:
+    """The seed of the calibration images of (base ``seed``, ``draw``); no pipeline run uses these."""
+    return 1000 * (draw + 1) + seed
+
+
+# ------------------------------------------------------------------------------ collapse and stats
+def stage_widths(channels: Dict[str, Sequence[int]]) -> Dict[str, Any]:
+    """Residual-stream and inner widths per ResNet stage, and the narrowest convolution.
+
+    Args:
+        channels: ``{layer: [in, out]}`` (:func:`connect_tp.pruning.layer_channels`).
+
+    Returns:
+        ``{"stream": [w1, w2, w3], "inner_min": [...], "min_conv": (name, width)}``: a stage's stream
+        is the narrowest output of its blocks' second convolutions (the residual sum they share).
+    """
+    stream, inner = [], []
+    for stage in ("layer1", "layer2", "layer3"):
+        out2 = [v[1] for k, v in channels.items() if k.startswith(stage + ".") and k.endswith("conv2")]
+        out1 = [v[1] for k, v in channels.items() if k.startswith(stage + ".") and k.endswith("conv1")]
+        if out2:
+            stream.append(min(out2))
+        if out1:
+            inner.append(min(out1))
+    # Every layer but the last (the classifier, never pruned) is a convolution in these models.
+    convs = [(k, v[1]) for k, v in list(channels.items())[:-1]]
+    narrowest = min(convs, key=lambda kv: kv[1]) if convs else (None, None)
+    return {"stream": stream, "inner_min": inner, "min_conv": list(narrowest)}
+
+
+def collapse_reasons(snapshot: Dict[str, Any], target: float, finetuned_acc: Optional[float] = None) -> List[str]:
+    """Why a snapshot counts as collapsed (empty list: it does not).
+
+    Args:
+        snapshot: a trajectory's record at one target (``channels``, ``collapsed_layers``, or
+            ``unreachable`` when the trajectory never got there).
+        target: its speed-up.
+        finetuned_acc: its accuracy after the fine-tuning epoch, when it was fine-tuned.
+    """
+    if snapshot.get("unreachable"):
+        return [f"never reached {target:g}x"]
+    reasons = []
+    channels = snapshot["channels"]
+    widths = stage_widths(channels)
+    if widths["stream"] and widths["stream"][-1] <= STREAM_MIN:
+        reasons.append(f"last stage's residual stream at {widths['stream'][-1]} <= {STREAM_MIN}")
+    last = f"layer{len(widths['stream'])}."
+    for name, (_, w) in channels.items():
+        if name.startswith(last) and w <= CONV_MIN:
+            reasons.append(f"{name} at {w} channel(s)")
+    if snapshot.get("collapsed_layers"):
+        reasons.append("no path through " + ", ".join(snapshot["collapsed_layers"]))
+    if target >= 16.0 and finetuned_acc is not None and finetuned_acc < FINETUNED_16X_MIN:
+        reasons.append(f"fine-tuned {finetuned_acc:.1f} % < {FINETUNED_16X_MIN:g} %")
+    return reasons
+
+
+def worst_first(values: Sequence[Tuple[float, str]]) -> Dict[str, Any]:
+    """Mean, sample std, worst value and its label, of ``(value, label)`` pairs (None values dropped)."""
+    values = [(v, lab) for v, lab in values if v is not None]
+    if not values:
+        return {"n": 0, "mean": None, "std": None, "worst": None, "worst_at": None, "best": None}
+    nums = [v for v, _ in values]
+    worst = min(values, key=lambda vl: vl[0])
+    return {"n": len(nums), "mean": statistics.fmean(nums), "std": statistics.stdev(nums) if len(nums) > 1 else 0.0,
+            "worst": worst[0], "worst_at": worst[1], "best": max(nums)}
+
+
+# ------------------------------------------------------------------------------------------ files
+def base_path(root: str, seed: int) -> str:
+    return os.path.join(root, "bases", f"seed{seed}.pt")
+
+
+def traj_path(root: str, spec: str, seed: int, draw: int, kind: str = "prune") -> str:
+    """``prune``: the trajectory's JSON; ``finetune``: its fine-tuning JSON; ``8``/``16``: a snapshot."""
+    stem = os.path.join(root, "traj", spec, f"s{seed}-d{draw}")
+    return {"prune": stem + ".json", "finetune": stem + "-ft.json"}.get(kind, f"{stem}-{kind}x.pt")
+
+
+def _write_json(path: str, obj: Any) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1, default=float)
+    os.replace(tmp, path)  # atomic: a job killed by the deadline leaves no half file
+
+
+def _read_json(path: str) -> Any:
+    with open(path) as f:
+        return json.load(f)
+
+
+# ------------------------------------------------------------------------------------------ stages
+def _setup(threads: int, device: str):
+    import torch
+
+    torch.set_num_threads(threads)
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda but no GPU is visible; use --device cpu")
+    return torch
+
+
+def _environment(device: str) -> Dict[str, Any]:
+    import torch
+
+    try:
+        import torch_pruning
+        tp_version = getattr(torch_pruning, "__version__", None)
+    except ImportError:  # pragma: no cover
+        tp_version = None
+    return {"torch": torch.__version__, "torch_pruning": tp_version, "threads": torch.get_num_threads(),
+            "cpus": os.cpu_count(), "load_avg_1min": os.getloadavg()[0],
+            "accelerator": torch.cuda.get_device_name() if device.startswith("cuda") else None}
+
+
+def _data(data_dir: str, protocol: Dict[str, Any], seed: int):
+    from connect_tp.data import load_datasets
+
+    return load_datasets("fashion_mnist", data_dir, False, protocol["train_subset"], protocol["test_subset"],
+                         seed=seed)
+
+
+def _test_acc(model, test_set, device) -> float:
+    from connect_tp.training import evaluate, make_loader
+
+    return evaluate(model, make_loader(test_set, 256, False), device)["acc"]
+
+
+def train_base(root: str, seed: int, protocol: Dict[str, Any], data_dir: str, device: str) -> Dict[str, Any]:
+    """Train and save base model ``seed`` (``root/bases/seed<seed>.pt`` and ``.json``)."""
+    from connect_tp.models import create_model
+    from connect_tp.training import fit, save_model_checkpoint, set_seed
+
+    start = time.time()
+    train_set, test_set, info = _data(data_dir, protocol, seed)
+    set_seed(seed)
+    model = create_model("resnet20", info.num_classes, info.in_channels)
+    out = fit(model, train_set, test_set, epochs=protocol["epochs"], lr=protocol["lr"],
+              milestones=protocol["milestones"], weight_decay=protocol["weight_decay"],
+              batch_size=protocol["batch_size"], device=device, seed=seed, progress=False)
+    path = base_path(root, seed)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    save_model_checkpoint(path, model.cpu(), {"model": "resnet20", "num_classes": info.num_classes,
+                                              "in_channels": info.in_channels})
+    result = {"seed": seed, "acc": out["best_acc"], "final_acc": out["final_acc"], "protocol": protocol,
+              "seconds": time.time() - start, "environment": _environment(device)}
+    _write_json(path[:-3] + ".json", result)  # written last: its presence means the base is complete
+    return result
+
+
+def build(spec: str, example_inputs, seed: int):
+    """The importance object and the extra :func:`progressive_prune` options of a method spec."""
+    from connect_tp.pruning import build_importance
+
+    name, variants = parse_spec(spec)
+    importance = build_importance(name, example_inputs, seed=seed)
+    options = {}
+    if "refresh" in variants:
+        options["bn_refresh_every"] = 1
+    return importance, options
+
+
+def prune_trajectory(root: str, spec: str, seed: int, draw: int, protocol: Dict[str, Any], data_dir: str,
+                     device: str, prune_device: Optional[str] = None) -> Dict[str, Any]:
+    """One trajectory to 16x: widths, collapse flags and accuracies at each target; snapshots saved.
+
+    The pruning loop runs on ``prune_device`` (default ``device``), the evaluations on ``device``: on a
+    machine shared by many worker processes the loop's small steps are faster on one CPU thread each
+    than time-sliced on one GPU.
+    """
+    prune_device = prune_device or device
+    import torch
+    from connect_tp.pruning import (UnreachableSpeedUp, calibration_batches, layer_channels, layer_report,
+                                    progressive_prune, recalibrate_batchnorm)
+    from connect_tp.training import load_model_checkpoint, save_model_checkpoint
+
+    start = time.time()
+    base_json = _read_json(base_path(root, seed)[:-3] + ".json")
+    if base_json["protocol"] != protocol:
+        raise SystemExit(f"error: base model {seed} in {root} was trained with another protocol "
+                         f"({base_json['protocol']}); use another --root")
+    model, ckpt = load_model_checkpoint(base_path(root, seed))
+    train_set, test_set, _ = _data(data_dir, protocol, seed)
+    cseed = calibration_seed(seed, draw)
+    calibration = calibration_batches(train_set.without_augmentation(), protocol["calibration_samples"],
+                                      protocol["batch_size"], seed=cseed)
+    example = torch.rand(1, 1, 32, 32)
+    torch.manual_seed(cseed)  # Torch-Pruning's random importance draws from the global generator
+    importance, options = build(spec, example, cseed)
+    snaps: Dict[str, Any] = {}
+
+    def on_target(snap) -> None:
+        m = snap.model
+        report = layer_report(m, example.to(prune_device))
+        m.to(device)
+        snaps[f"{snap.target:g}"] = {
+            "step": snap.step, "speed_up": snap.speed_up, "macs": snap.macs, "params": snap.params,
+            "channels": layer_channels(m), "collapsed_layers": report["collapsed_layers"],
+            "dead_channels": report["dead_channels"], "disconnected": report["network_disconnected"],
+            "acc_raw": _test_acc(m, test_set, device),
+            "acc_bn": _test_acc(recalibrate_batchnorm(m, calibration, device), test_set, device),
+            "seconds": time.time() - start}
+        save_model_checkpoint(traj_path(root, spec, seed, draw, f"{snap.target:g}"), m.cpu(), ckpt["arch"])
+        m.to(device)
+
+    os.makedirs(os.path.dirname(traj_path(root, spec, seed, draw)), exist_ok=True)
+    error = None
+    try:
+        progressive_prune(model, example, importance, TARGETS, calibration=calibration,
+                          iterative_steps=protocol["iterative_steps"], device=prune_device, on_target=on_target,
+                          progress=False, **options)
+    except UnreachableSpeedUp as exc:
+        error = str(exc)
+        for t in TARGETS:
+            snaps.setdefault(f"{t:g}", {"unreachable": True, "reached": exc.reached})
+    lam = getattr(importance, "lam", None)
+    result = {"method": spec, "seed": seed, "draw": draw, "calibration_seed": cseed, "protocol": protocol,
+              "base_acc": base_json["acc"], "snapshots": snaps, "error": error,
+              "connect_lam": lam if isinstance(lam, (int, float)) else None,
+              "prune_seconds": time.time() - start, "prune_device": prune_device,
+              "environment": _environment(device)}
+    _write_json(traj_path(root, spec, seed, draw), result)
+    return result
+
+
+def finetune(root: str, spec: str, seed: int, draw: int, protocol: Dict[str, Any], data_dir: str,
+             device: str) -> Dict[str, Any]:
+    """The fine-tuning epoch for each saved snapshot of a trajectory."""
+    from connect_tp.training import fit, load_model_checkpoint, set_seed
+
+    start = time.time()
+    prune = _read_json(traj_path(root, spec, seed, draw))
+    if prune["protocol"] != protocol:
+        raise SystemExit(f"error: {traj_path(root, spec, seed, draw)} was pruned with another protocol")
+    train_set, test_set, _ = _data(data_dir, protocol, seed)
+    accs = {}
+    for key, snap in prune["snapshots"].items():
+        if snap.get("unreachable"):
+            continue
+        model, _ = load_model_checkpoint(traj_path(root, spec, seed, draw, key))
+        set_seed(seed)
+        out = fit(model, train_set, test_set, epochs=protocol["ft_epochs"], lr=protocol["ft_lr"], milestones=[],
+                  weight_decay=protocol["weight_decay"], batch_size=protocol["batch_size"], device=device,
+                  seed=seed, progress=False, schedule=protocol["ft_schedule"])
+        accs[key] = out["final_acc"]
+    result = {"method": spec, "seed": seed, "draw": draw, "protocol": protocol, "finetuned_acc": accs,
+              "seconds": time.time() - start, "environment": _environment(device)}
+    _write_json(traj_path(root, spec, seed, draw, "finetune"), result)
+    return result
+
+
+# ------------------------------------------------------------------------------------------ driver
+def plan(root: str, seeds: Sequence[int], draws: Sequence[int], methods: Sequence[str],
+         finetune_methods: Sequence[str]) -> List[Dict[str, Any]]:
+    """Jobs not yet done, in order: base models, then the trajectories draw by draw (every method on
+    draw 0 of every base, in the order given, before any draw 1), then fine-tunings of trajectories
+    pruned earlier without them. Each job names the file whose presence means it is done and the
+    file it needs first."""
+    jobs = []
+    for s in seeds:
+        path = base_path(root, s)[:-3] + ".json"
+        jobs.append({"label": f"base/s{s}", "stage": "train", "args": ["--seed", str(s)], "done": path,
+                     "needs": None})
+    later = []
+    for d in draws:
+        for spec in methods:
+            for s in seeds:
+                args = ["--seed", str(s), "--draw", str(d), "--method", spec]
+                pruned = os.path.exists(traj_path(root, spec, s, d))
+                tuned = spec in finetune_methods
+                if not pruned:  # a method fine-tuned here is fine-tuned by its pruning job, right after
+                    jobs.append({"label": f"prune/{spec}/s{s}-d{d}", "stage": "prune",
+                                 "args": args + (["--finetune"] if tuned else []),
+                                 "done": traj_path(root, spec, s, d, "finetune" if tuned else "prune"),
+                                 "needs": base_path(root, s)[:-3] + ".json"})
+                elif tuned and os.path.exists(traj_path(root, spec, s, d, "16")):
+                    later.append({"label": f"finetune/{spec}/s{s}-d{d}", "stage": "finetune", "args": args,
+                                  "done": traj_path(root, spec, s, d, "finetune"), "needs": None})
+    return [j for j in jobs + later if not os.path.exists(j["done"])]
+
+
+def run(args) -> int:
+    """Run the planned jobs in at most ``--workers`` processes; stop starting them at ``--deadline``."""
+    for spec in list(args.methods) + list(args.finetune):
+        parse_spec(spec)
+    start = time.time()
+    deadline = None if args.deadline is None else start + args.deadline
+    hard = None if args.hard_deadline is None else start + args.hard_deadline
+    durations: List[float] = []  # of finished trajectory jobs: a job that cannot end before `hard` is not started
+    jobs = plan(args.root, args.seeds, args.draws, args.methods, args.finetune)
+    logs = os.path.join(args.root, "logs")
+    os.makedirs(logs, exist_ok=True)
+    common = ["--root", args.root, "--device", args.device, "--data-dir", args.data_dir] + \
+        (["--tiny"] if args.tiny else [])
+    running: Dict[str, Tuple[subprocess.Popen, Any, str, float]] = {}  # label -> (process, log, output, start)
+    failed: List[str] = []
+    training = [j for j in jobs if j["stage"] == "train"]
+    base_threads = max(1, args.workers // max(1, len(training)))
+    print(f"[robustness] {len(jobs)} job(s) to run, {args.workers} worker(s)", flush=True)
+
+    def launch(job) -> None:
+        threads = base_threads if job["stage"] == "train" else 1
+        argv = [sys.executable, "-m", "benchmarks.robustness", job["stage"], *job["args"], *common,
+                "--threads", str(threads)] + (["--prune-device", args.prune_device] if job["stage"] == "prune" else [])
+        log = open(os.path.join(logs, job["label"].replace("/", "_") + ".log"), "a")
+        log.write("$ " + " ".join(argv) + "\n")
+        log.flush()
+        env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+        running[job["label"]] = (subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env), log,
+                                 job["done"], time.time())
+
+    while jobs or running:
+        for label, (proc, log, _, began) in list(running.items()):
+            code = proc.poll()
+            if code is not None:
+                log.close()
+                del running[label]
+                if code == 0 and not label.startswith("base/"):
+                    durations.append(time.time() - began)
+                print(f"[{time.time() - start:5.0f} s] {label}: {'done' if code == 0 else f'exit {code}'}", flush=True)
+                if code != 0:
+                    failed.append(label)
+        now = time.time()
+        if jobs and ((deadline is not None and now > deadline) or (
+                hard is not None and durations and now + statistics.median(durations) > hard)):
+            print(f"[robustness] {now - start:.0f} s: no more jobs start; {len(jobs)} not started", flush=True)
+            jobs = []
+        if hard is not None and now > hard and running:
+            print(f"[robustness] hard deadline: stopping {len(running)} running job(s)", flush=True)
+            for proc, _, _, _ in running.values():
+                proc.terminate()
+            grace = time.time() + 15
+            while time.time() < grace and any(p.poll() is None for p, _, _, _ in running.values()):
+                time.sleep(0.2)
+            for proc, log, _, _ in running.values():
+                if proc.poll() is None:
+                    proc.kill()
+                log.close()
+            break
+        waiting_for = {j["done"] for j in jobs} | {out for _, _, out, _ in running.values()}
+        for job in list(jobs):
+            if len(running) >= args.workers:
+                break
+            if job["needs"] is not None and not os.path.exists(job["needs"]):
+                if job["needs"] not in waiting_for:  # what it needs failed or was stopped: drop it
+                    jobs.remove(job)
+                    print(f"[robustness] {job['label']}: dropped ({job['needs']} was not made)", flush=True)
+                continue
+            jobs.remove(job)
+            launch(job)
+        time.sleep(0.5)
+    print(f"[robustness] finished in {time.time() - start:.0f} s; failed: {failed or 'none'}", flush=True)
+    return 0
+
+
+# ----------------------------------------------------------------------------------------- summary
+def read_results(roots: Sequence[str]) -> Tuple[List[Dict[str, Any]], List[Dict[str, Any]]]:
+    """Every trajectory (with its fine-tuning numbers merged in) and every base model under ``roots``.
+
+    Raises:
+        SystemExit: the files were made with different protocols (summarize each on its own).
+    """
+    trajs, bases, protocols = [], [], set()
+    for root in roots:
+        for path in sorted(glob.glob(os.path.join(root, "bases", "seed*.json"))):
+            bases.append(_read_json(path))
+        for path in sorted(glob.glob(os.path.join(root, "traj", "*", "s*-d*.json"))):
+            if path.endswith("-ft.json"):
+                continue
+            r = _read_json(path)
+            ft = path[:-5] + "-ft.json"
+            r["finetuned_acc"] = _read_json(ft)["finetuned_acc"] if os.path.exists(ft) else {}
+            trajs.append(r)
+    for r in trajs + bases:
+        protocols.add(json.dumps(r["protocol"], sort_keys=True))
+    if len(protocols) > 1:
+        raise SystemExit(f"error: these results were made with {len(protocols)} different protocols; "
+                         "summarize each root on its own")
+    return trajs, bases
+
+
+def summarize_method(trajs: Sequence[Dict[str, Any]], target: float) -> Dict[str, Any]:
+    """Per-target statistics of one method's trajectories: collapses, and mean/worst of each accuracy."""
+    key = f"{target:g}"
+    out: Dict[str, Any] = {"trajectories": len(trajs), "collapsed": 0, "collapses": []}
+    rows = {"acc_raw": [], "acc_bn": [], "acc_ft": [], "stream": []}
+    fine_tuned = 0
+    for r in trajs:
+        label = f"s{r['seed']}-d{r['draw']}"
+        snap = r["snapshots"].get(key, {"unreachable": True})
+        ft = r.get("finetuned_acc", {}).get(key)
+        fine_tuned += ft is not None
+        reasons = collapse_reasons(snap, target, ft)
+        if reasons:
+            out["collapsed"] += 1
+            out["collapses"].append({"at": label, "why": reasons})
+        if snap.get("unreachable"):
+            rows["acc_raw"].append((None, label))  # no snapshot: no accuracy, but counted as a collapse
+            continue
+        rows["acc_raw"].append((snap["acc_raw"], label))
+        rows["acc_bn"].append((snap["acc_bn"], label))
+        rows["acc_ft"].append((ft, label))
+        rows["stream"].append((stage_widths(snap["channels"])["stream"][-1], label))
+    for name, values in rows.items():
+        out[name] = worst_first(values)
+    out["fine_tuned"] = fine_tuned
+    return out
+
+
+def choose_default(summary: Dict[str, Any], candidates: Sequence[str], current: str,
+                   metric: str = "acc_ft") -> Dict[str, Any]:
+    """The rule, written before the runs, for CoNNect's default among ``candidates``.
+
+    1. Only candidates with every trajectory present (as many as the most complete candidate) and
+       **no collapsed trajectory** at 8x or 16x qualify.
+    2. Among them, the best mean of ``metric`` over 8x and 16x wins; the current default is kept
+       unless the winner's lead over it exceeds the sample std of their paired differences
+       (trajectory by trajectory), or the current default does not qualify.
+
+    Returns:
+        ``{"choice", "qualified", "scores", "reason"}``; ``choice`` None when no candidate qualifies.
+    """
+    per = summary["methods"]
+    present = [c for c in candidates if c in per]
+    if not present:
+        return {"choice": None, "qualified": [], "scores": {}, "reason": "no candidate has results"}
+    full = max(per[c]["8"]["trajectories"] for c in present)
+    qualified = [c for c in present if all(per[c][t]["trajectories"] == full and per[c][t]["collapsed"] == 0
+                                           and per[c][t][metric]["n"] == full for t in ("8", "16"))]
+    scores = {c: statistics.fmean([per[c][t][metric]["mean"] for t in ("8", "16")]) for c in qualified}
+    if not qualified:
+        return {"choice": None, "qualified": [], "scores": {}, "reason": "every candidate collapsed at least once "
+                "or lacks trajectories"}
+    best = max(qualified, key=lambda c: scores[c])
+    if current not in qualified:
+        return {"choice": best, "qualified": qualified, "scores": scores,
+                "reason": f"the current default {current} does not qualify; {best} has the best mean"}
+    if best == current:
+        return {"choice": current, "qualified": qualified, "scores": scores, "reason": "the current default is best"}
+    diffs = summary["paired"].get(f"{best}|{current}|{metric}")
+    if diffs is None or len(diffs) < 2 or statistics.fmean(diffs) <= statistics.stdev(diffs):
+        return {"choice": current, "qualified": qualified, "scores": scores,
+                "reason": f"{best} leads by less than the spread of the paired differences: the default is kept"}
+    return {"choice": best, "qualified": qualified, "scores": scores,
+            "reason": f"{best} leads the current default beyond the spread of the paired differences"}
+
+
+def paired(trajs: Sequence[Dict[str, Any]], a: str, b: str, metric: str) -> List[float]:
+    """Per (seed, draw) and target, ``a - b`` of ``metric``, averaged over 8x and 16x (complete pairs only)."""
+    def values(r):
+        if metric == "acc_ft":
+            got = [r.get("finetuned_acc", {}).get(f"{t:g}") for t in TARGETS]
+        else:
+            got = [r["snapshots"].get(f"{t:g}", {}).get(metric) for t in TARGETS]
+        return None if any(v is None for v in got) else statistics.fmean(got)
+
+    by = {(r["method"], r["seed"], r["draw"]): values(r) for r in trajs}
+    return [by[(a, s, d)] - by[(b, s, d)] for (m, s, d) in by
+            if m == a and by.get((b, s, d)) is not None and by[(a, s, d)] is not None]
+
+
+def summarize(roots: Sequence[str], output: str, candidates: Optional[Sequence[str]] = None) -> str:
+    """Write ``summary.json`` and ``table.md`` under ``output``; returns the markdown."""
+    trajs, bases = read_results(roots)
+    if not trajs:
+        raise SystemExit(f"error: no trajectories under {list(roots)}")
+    methods = sorted({r["method"] for r in trajs}, key=lambda m: (DEFAULT_METHODS.index(m)
+                                                                  if m in DEFAULT_METHODS else 99, m))
+    summary: Dict[str, Any] = {"definitions": {"stream_min": STREAM_MIN, "conv_min": CONV_MIN,
+                                               "finetuned_16x_min": FINETUNED_16X_MIN},
+                               "protocol": trajs[0]["protocol"], "bases": [{k: b[k] for k in ("seed", "acc", "seconds")}
+                                                                           for b in bases],
+                               "methods": {}, "paired": {}}
+    for m in methods:
+        mine = [r for r in trajs if r["method"] == m]
+        summary["methods"][m] = {f"{t:g}": summarize_method(mine, t) for t in TARGETS}
+        summary["methods"][m]["seeds"] = sorted({r["seed"] for r in mine})
+        summary["methods"][m]["draws"] = sorted({r["draw"] for r in mine})
+    connect = [m for m in methods if m.startswith("connect")]
+    for metric in ("acc_bn", "acc_ft"):
+        for a in connect:
+            if a != "connect":
+                summary["paired"][f"{a}|connect|{metric}"] = paired(trajs, a, "connect", metric)
+    candidates = list(candidates) if candidates else connect
+    summary["rule"] = {metric: choose_default(summary, candidates, "connect", metric) for metric in ("acc_ft", "acc_bn")}
+    envs = [r["environment"] for r in trajs]
+    summary["environment"] = {"threads": sorted({e["threads"] for e in envs}),
+                              "accelerator": sorted({str(e["accelerator"]) for e in envs}),
+                              "torch": sorted({e["torch"] for e in envs}),
+                              "torch_pruning": sorted({str(e["torch_pruning"]) for e in envs}),
+                              "cpus": sorted({e["cpus"] for e in envs}),
+                              "load_avg_1min": [min(e["load_avg_1min"] for e in envs),
+                                                max(e["load_avg_1min"] for e in envs)]}
+    md = _markdown(summary)
+    os.makedirs(output, exist_ok=True)
+    _write_json(os.path.join(output, "summary.json"), summary)
+    with open(os.path.join(output, "table.md"), "w") as f:
+        f.write(md)
+    return md
+
+
+def _cell(stat: Dict[str, Any]) -> str:
+    if not stat["n"]:
+        return "–"
+    return f"{stat['mean']:.1f} ± {stat['std']:.1f} / **{stat['worst']:.1f}** ({stat['worst_at']})"
+
+
+def _markdown(summary: Dict[str, Any]) -> str:
+    env = summary["environment"]
+    bases = summary["bases"]
+    base_cells = ", ".join("%d: %.2f" % (b["seed"], b["acc"]) for b in bases)
+    lines = [f"Bases (seed: accuracy %): {base_cells}. "
+             f"{', '.join(map(str, env['threads']))} thread(s) per job, machine: "
+             f"{', '.join(env['accelerator'])} with {', '.join(map(str, env['cpus']))} CPUs, "
+             f"load (1 min) {env['load_avg_1min'][0]:.1f}-{env['load_avg_1min'][1]:.1f}; torch "
+             f"{', '.join(env['torch'])}, torch-pruning {', '.join(env['torch_pruning'])}.", "",
+             f"Collapsed: the last stage's residual stream at <= {STREAM_MIN} channels, a last-stage convolution "
+             f"at <= {CONV_MIN} channel, a layer with no path through it, a target never reached, or (16x, fine-tuned) "
+             f"accuracy below {FINETUNED_16X_MIN:g} %. Cells: mean ± std / **worst** (its seed and draw).", ""]
+    for title, metric in (("After BatchNorm re-estimation (prune only)", "acc_bn"),
+                          ("After the cosine fine-tuning epoch", "acc_ft")):
+        lines += [f"**{title}**", "",
+                  "| method | trajectories (seeds × draws) | collapsed 8x | collapsed 16x | 8x | 16x | stage-3 stream at 16x: mean / worst |",
+                  "|---|---|---|---|---|---|---|"]
+        for m, per in summary["methods"].items():
+            if metric == "acc_ft" and not per["16"]["fine_tuned"] and not per["8"]["fine_tuned"]:
+                continue
+            a, b = per["8"], per["16"]
+            stream = b["stream"]
+            lines.append(f"| {m} | {a['trajectories']} ({len(per['seeds'])} × {len(per['draws'])}) | "
+                         f"{a['collapsed']} | {b['collapsed']} | {_cell(a[metric])} | {_cell(b[metric])} | "
+                         + ("–" if not stream["n"] else f"{stream['mean']:.1f} / {stream['worst']}") + " |")
+        lines.append("")
+    lines += ["**Collapses**", ""]
+    for m, per in summary["methods"].items():
+        for t in ("8", "16"):
+            for c in per[t]["collapses"]:
+                lines.append(f"- {m} at {t}x, {c['at']}: {'; '.join(c['why'])}")
+    lines.append("")
+    for metric, rule in summary["rule"].items():
+        choice = rule["choice"]
+        scores = ", ".join("%s %.2f" % (c, rule["scores"][c]) for c in rule["qualified"]) or "none"
+        lines.append(f"Rule on `{metric}`: {choice or 'no choice'} ({rule['reason']}); qualified: {scores}.")
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------------------------- CLI
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def common(p, job: bool = True) -> None:
+        p.add_argument("--root", default=os.path.join("runs", "robustness"))
+        p.add_argument("--device", default="cpu")
+        p.add_argument("--data-dir", default="data", help="Fashion-MNIST's IDX files (Debian's package is found too)")
+        p.add_argument("--tiny", action="store_true", help="a tiny recipe for a smoke test (not comparable)")
+        if job:
+            p.add_argument("--threads", type=int, default=1)
+
+    p = sub.add_parser("run", help="base models, trajectories and fine-tunings in parallel worker processes")
+    common(p, job=False)
+    p.add_argument("--seeds", type=int, nargs="+", default=[3, 4, 5, 6, 7])
+    p.add_argument("--draws", type=int, nargs="+", default=[0, 1])
+    p.add_argument("--methods", nargs="+", default=DEFAULT_METHODS)
+    p.add_argument("--finetune", nargs="*", default=[], metavar="METHOD",
+                   help="methods whose trajectories get the fine-tuning epoch (right after pruning)")
+    p.add_argument("--prune-device", default="cpu", help="where the pruning loops run (evaluation: --device)")
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--deadline", type=float, default=None, help="seconds from now: no job starts after it")
+    p.add_argument("--hard-deadline", type=float, default=None, help="seconds from now: running jobs are "
+                   "stopped; no job starts that would not end before it (by the median finished job)")
+    p = sub.add_parser("train")
+    common(p)
+    p.add_argument("--seed", type=int, required=True)
+    for name in ("prune", "finetune"):
+        p = sub.add_parser(name)
+        common(p)
+        p.add_argument("--seed", type=int, required=True)
+        p.add_argument("--draw", type=int, required=True)
+        p.add_argument("--method", required=True)
+        if name == "prune":
+            p.add_argument("--prune-device", default=None, help="where the loop runs (default: --device)")
+            p.add_argument("--finetune", action="store_true", help="fine-tune the snapshots right after")
+    p = sub.add_parser("summarize")
+    p.add_argument("roots", nargs="+")
+    p.add_argument("--output", default=os.path.join("benchmarks", "results", "robustness"))
+    p.add_argument("--candidates", nargs="*", help="CoNNect specs the rule chooses among (default: every connect row)")
+    args = parser.parse_args(argv)
+    if args.command == "summarize":
+        print(summarize(args.roots, args.output, args.candidates))
+        return 0
+    if args.command == "run":
+        return run(args)
+    protocol = dict(TINY if args.tiny else PROTOCOL)
+    _setup(args.threads, args.device)
+    if args.command == "train":
+        r = train_base(args.root, args.seed, protocol, args.data_dir, args.device)
+        print(f"base {args.seed}: {r['acc']:.2f} % in {r['seconds']:.0f} s")
+    elif args.command == "prune":
+        parse_spec(args.method)
+        r = prune_trajectory(args.root, args.method, args.seed, args.draw, protocol, args.data_dir, args.device,
+                             args.prune_device)
+        print(f"{args.method} s{args.seed}-d{args.draw}: " + ", ".join(
+            f"{k}x bn {v.get('acc_bn', float('nan')):.1f}" for k, v in r["snapshots"].items())
+              + f" in {r['prune_seconds']:.0f} s", flush=True)
+        if args.finetune:
+            r = finetune(args.root, args.method, args.seed, args.draw, protocol, args.data_dir, args.device)
+            print(f"fine-tuned {r['finetuned_acc']} in {r['seconds']:.0f} s")
+    else:
+        r = finetune(args.root, args.method, args.seed, args.draw, protocol, args.data_dir, args.device)
+        print(f"{args.method} s{args.seed}-d{args.draw}: fine-tuned {r['finetuned_acc']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
