@@ -211,3 +211,211 @@ def test_zero_batchnorm_scales_read_the_same_in_every_report():
     assert math.isfinite(log_phi.item())
     log_phi.backward()
     assert float(model.layer1[0].conv1.weight.grad.abs().max()) > 0.0
+
+
+# ------------------------------------------------------------------ rules of the signal view
+def _abs_forward64(model, x, **swap):
+    """The plain forward of ``model`` in float64 with every parameter replaced by its absolute value."""
+    params = {n: p.detach().double().abs().requires_grad_(True) for n, p in model.named_parameters()}
+    params.update(swap)
+    buffers = {n: b.double() for n, b in model.named_buffers()}
+    out = torch.func.functional_call(model, {**params, **buffers}, (x.double(),))
+    return out, params
+
+
+class _Clamped(nn.Module):
+    """Two wide linear layers around a clamp given as ``form`` (floor 0.5, ceiling 6)."""
+
+    def __init__(self, form):
+        super().__init__()
+        self.l1, self.l2, self.form = nn.Linear(6, 16), nn.Linear(16, 3), form
+        self.act = nn.Hardtanh(0.5, 6.0)
+        with torch.no_grad():  # half the units far below the floor, half far above the ceiling
+            self.l1.weight.uniform_(-1, 1)
+            self.l1.weight[:8] *= 1e-3
+            self.l1.weight[8:] *= 50.0
+            self.l1.bias.zero_()
+
+    def forward(self, x):
+        h = self.l1(x)
+        if self.form == "module":
+            h = self.act(h)
+        elif self.form == "hardtanh":
+            h = F.hardtanh(h, 0.5, 6.0)
+        elif self.form == "clamp":
+            h = torch.clamp(h, 0.5, 6.0)
+        else:
+            h = h.clamp(min=0.5, max=6.0)
+        return self.l2(h)
+
+
+@pytest.mark.parametrize("form", ["module", "hardtanh", "clamp", "method"])
+def test_clamp_rule_against_a_float64_oracle_at_a_nonzero_log_scale(form):
+    """The floor is exact at the flow's scale (divided by it); the ceiling is open (a path sum).
+
+    At the clamp the flow is renormalized to a maximum of 1 at a scale near e^4, so a floor that
+    is not divided by the scale lifts the small units to 0.5 * e^4 instead of 0.5.
+    """
+    torch.manual_seed(0)
+    model = _Clamped(form).eval()
+    x = torch.rand(5, 6)
+    got_out, _ = engine.run_traced(model, x)
+    flow = engine.output_flow(got_out)
+    l1 = engine.run_traced(nn.Sequential(model.l1), x)[0]
+    assert l1.log_scale > 3.0  # the clamp sees a scaled flow
+    # oracle: float64, |params|, the floor alone
+    p = {n: t.detach().double().abs() for n, t in model.named_parameters()}
+    h = F.linear(x.double(), p["l1.weight"], p["l1.bias"]).clamp(min=0.5)
+    expected = F.linear(h, p["l2.weight"], p["l2.bias"])
+    assert bool((F.linear(x.double(), p["l1.weight"]) < 0.5).any())  # the floor is active...
+    assert bool((F.linear(x.double(), p["l1.weight"]) > 6.0).any())  # ...and so would the ceiling be
+    torch.testing.assert_close((flow.value.double() * math.exp(flow.log_scale)), expected, rtol=1e-5, atol=0)
+    log_phi = log_connectivity(model, x[:1], n_samples=4, seed=0)
+    ref_x = torch.rand(4, 6, generator=torch.Generator().manual_seed(0))
+    hh = F.linear(ref_x.double(), p["l1.weight"], p["l1.bias"]).clamp(min=0.5)
+    ref = torch.log(F.linear(hh, p["l2.weight"], p["l2.bias"]).sum(1).mean())
+    assert log_phi.item() == pytest.approx(ref.item(), rel=1e-6)
+
+
+def test_a_relu6_network_keeps_a_gradient_in_every_layer():
+    """With |W| a ReLU6 network's flow is far above 6 everywhere: an exact clamp would pass a
+    constant and leave every layer but the last without a connectivity gradient."""
+    torch.manual_seed(0)
+    layers = []
+    for _ in range(6):
+        layers += [nn.Linear(32, 32), nn.ReLU6()]
+    model = nn.Sequential(*layers, nn.Linear(32, 4))
+    log_phi = log_connectivity(model, torch.rand(1, 32), n_samples=4)
+    grads = torch.autograd.grad(log_phi, [m.weight for m in model if isinstance(m, nn.Linear)])
+    assert all(float(g.abs().min()) > 0 and bool(torch.isfinite(g).all()) for g in grads)
+
+
+@pytest.mark.parametrize("act", [nn.GELU(), nn.SiLU(), nn.Hardswish(), nn.Mish(), nn.ELU()])
+def test_relu_like_activations_are_exact_far_beyond_float32(act):
+    """An 80-layer MLP reaches a scale near e^200: the float32 engine takes the activation's
+    asymptote there (exact to rounding) instead of falling back, and matches float64."""
+    torch.manual_seed(0)
+    layers = []
+    for _ in range(80):
+        lin = nn.Linear(16, 16)
+        with torch.no_grad():
+            lin.weight.uniform_(0.5, 1.0)
+        layers += [lin, act]
+    model = nn.Sequential(*layers, nn.Linear(16, 2)).eval()
+    x = torch.rand(3, 16)
+    out, _ = engine.run_traced(model, x)  # raises NeedsFallback if a rule is missing
+    flow = engine.output_flow(out)
+    assert flow.log_scale > 150
+    ref, _ = _abs_forward64(model, x)
+    got = torch.log(flow.value.double().sum()) + flow.log_scale
+    assert float(got) == pytest.approx(float(torch.log(ref.sum())), rel=1e-6)
+
+
+class _SqueezeExcite(nn.Module):
+    def __init__(self, gate):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.fc1, self.fc2, self.gate = nn.Conv2d(8, 4, 1), nn.Conv2d(4, 8, 1), gate
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x):
+        x = self.conv(x)
+        s = self.fc2(torch.relu(self.fc1(F.adaptive_avg_pool2d(x, 1))))
+        x = x * self.gate(s)
+        return self.head(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+@pytest.mark.parametrize("gate", [nn.Sigmoid(), nn.Hardsigmoid(), torch.sigmoid])
+def test_a_gate_is_a_switch_with_elasticity_one(gate):
+    """Value: the open gate (1), as the saturated exact gate; gradient: x * d log z, which the
+    squeeze-excitation convolutions get (the exact gate gives them exactly 0)."""
+    torch.manual_seed(0)
+    model = _SqueezeExcite(gate).eval()
+    x = torch.rand(1, 3, 8, 8)
+    log_phi = log_connectivity(model, x, n_samples=2, seed=0)
+    grads = torch.autograd.grad(log_phi, [model.fc1.weight, model.fc2.weight, model.conv.weight])
+    assert all(float(g.abs().sum()) > 0 and bool(torch.isfinite(g).all()) for g in grads)
+    # oracle in float64: x * z / stop_gradient(z)
+    samples = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(0)).double()
+    p = {n: t.detach().double().abs().requires_grad_(True) for n, t in model.named_parameters()}
+    h = F.conv2d(samples, p["conv.weight"], p["conv.bias"], padding=1)
+    z = F.conv2d(torch.relu(F.conv2d(F.adaptive_avg_pool2d(h, 1), p["fc1.weight"], p["fc1.bias"])),
+                 p["fc2.weight"], p["fc2.bias"])
+    gated = h * (z / z.detach())
+    out = F.linear(torch.flatten(F.adaptive_avg_pool2d(gated, 1), 1), p["head.weight"], p["head.bias"])
+    ref = torch.log(out.sum(1).mean())
+    assert log_phi.item() == pytest.approx(ref.item(), rel=1e-6)
+    ref_grads = torch.autograd.grad(ref, [p["fc1.weight"], p["fc2.weight"]])
+    signs = [model.fc1.weight.sign().double(), model.fc2.weight.sign().double()]
+    for g, r, s in zip(grads[:2], ref_grads, signs):
+        torch.testing.assert_close(g.double(), r * s, rtol=1e-4, atol=1e-10)
+
+
+class _CoordConv(nn.Module):
+    """A convolution that reads constant coordinate channels in [-3, 3] next to the flow (CoordConv)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.conv2, self.fc = nn.Conv2d(1, 2, 3, padding=1), nn.Conv2d(4, 3, 1), nn.Linear(3 * 6 * 6, 2)
+
+    def forward(self, x):
+        y = self.conv1(x)
+        n, h, w = y.shape[0], y.shape[2], y.shape[3]
+        rows = torch.linspace(-3.0, 3.0, h).view(1, 1, h, 1).expand(n, 1, h, w)
+        cols = torch.linspace(-3.0, 3.0, w).view(1, 1, 1, w).expand(n, 1, h, w)
+        y = torch.cat([y, rows, cols], 1)
+        return self.fc(torch.flatten(torch.relu(self.conv2(y)), 1))
+
+
+def test_cat_with_a_negative_constant_is_not_sign_keeping(monkeypatch):
+    """The sign proof used to call cat([flow, coordinates]) non-negative: ReLUs after it were
+    taken for the identity, the mean input was differentiated, and the gradient was off."""
+    from connect_tp import ConnectImportance
+    from connect_tp import importance as importance_module
+
+    torch.manual_seed(0)
+    model = _CoordConv().eval()
+    with torch.no_grad():
+        model.conv1.weight.mul_(4.0)
+    assert not engine.affine_by_signs(model, "gamma")
+    x = torch.rand(4, 1, 6, 6, generator=torch.Generator().manual_seed(1))
+    monkeypatch.setattr(importance_module, "connectivity_inputs", lambda m, inputs, n, generator=None: x[:n].clone())
+    imp = ConnectImportance(n_samples=4, example_inputs=x[:1])
+    leaves = {n: p.detach().clone().requires_grad_(True) for n, p in model.named_parameters()}
+    with torch.enable_grad():
+        log_phi, grads = imp._traced_gradients(model, x, leaves, {})
+    assert not imp.used_mean_sample
+    out, p = _abs_forward64(model, x)  # every sample, float64: the coordinates keep their sign
+    ref = torch.log(out.sum(1).mean())
+    assert log_phi == pytest.approx(ref.item(), rel=1e-6)
+    ref_grads = torch.autograd.grad(ref, list(p.values()))
+    for (name, t), g, r in zip(model.named_parameters(), grads, ref_grads):
+        torch.testing.assert_close(g.double(), r * t.detach().sign().double(), rtol=1e-4, atol=1e-9)
+
+
+class _BatchNormAct(nn.BatchNorm2d):
+    """timm's BatchNormAct2d in miniature: F.batch_norm called from a traced forward."""
+
+    def forward(self, x):
+        return torch.relu(F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
+                                       self.training, self.momentum, self.eps))
+
+
+@pytest.mark.parametrize("bn_flow", ["stats", "gamma", "identity"])
+def test_functional_batchnorm_reads_like_the_module(bn_flow):
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 36, 2))
+    with torch.no_grad():
+        plain[1].running_mean.uniform_(-0.5, 0.5)
+        plain[1].running_var.uniform_(0.5, 2.0)
+        plain[1].weight.uniform_(-2, 2)
+        plain[1].bias.uniform_(0.5, 1)
+    functional = copy.deepcopy(plain)
+    bn = _BatchNormAct(4)
+    bn.load_state_dict(plain[1].state_dict())
+    functional[1], functional[2] = bn, nn.Identity()
+    functional.train()  # the pass uses the running statistics whatever the traced flag
+    x = torch.rand(1, 3, 8, 8)
+    a = log_connectivity(plain, x, n_samples=3, bn_flow=bn_flow)
+    b = log_connectivity(functional, x, n_samples=3, bn_flow=bn_flow)
+    assert b.item() == pytest.approx(a.item(), rel=1e-6)
