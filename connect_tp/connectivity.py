@@ -14,7 +14,8 @@ models that cannot be traced, through :func:`torch.func.functional_call`, so ``l
 is differentiable with respect to the model's own parameters and never touches their ``.grad``.
 
 Only the data inputs are random (:func:`connectivity_inputs`); masks, token types and other side
-inputs keep valid values. The output summed is the logits (:func:`output_tensor`); an output
+inputs keep valid values. The output summed is the logits, or every output of a tuple such as
+``(features, logits)`` (:func:`output_tensor`); an output
 that a normalization centres gives a :class:`ConnectivityError` naming that layer
 (:func:`describe_output_layer`).
 
@@ -222,30 +223,44 @@ def connectivity_inputs(
     return draw(example_inputs, (), None)
 
 
-def output_tensor(output: Any) -> torch.Tensor:
-    """The tensor of a model's output that connectivity sums: the logits.
-
-    Accepts a tensor, a Hugging Face ``ModelOutput`` or dict (its ``logits``, else its first
-    batched tensor: a 0-dim ``loss`` is skipped), or a tuple/list (its first batched tensor: the
-    usual place of the logits, also after a leading loss).
-    """
-    tensor = None
+def _output_tensors(output: Any) -> List[torch.Tensor]:
+    """The tensors of a model's output that connectivity sums (see :func:`output_tensor`)."""
+    tensors: List[torch.Tensor] = []
     if isinstance(output, torch.Tensor):
-        tensor = output
+        tensors = [output]
     elif isinstance(getattr(output, "logits", None), torch.Tensor):
-        tensor = output.logits
+        tensors = [output.logits]
     elif isinstance(output, Mapping):
         logits = output.get("logits")
-        tensor = logits if isinstance(logits, torch.Tensor) else \
+        first = logits if isinstance(logits, torch.Tensor) else \
             next((v for v in output.values() if isinstance(v, torch.Tensor) and v.dim() > 0), None)
+        tensors = [] if first is None else [first]
     elif isinstance(output, (tuple, list)):
-        tensor = next((v for v in output if isinstance(v, torch.Tensor) and v.dim() > 0), None)
-    if tensor is None or tensor.dim() == 0:
+        batched = [v for v in output if isinstance(v, torch.Tensor) and v.dim() > 0]
+        tensors = [v for v in batched if v.is_floating_point()] or batched[:1]
+        tensors = [v for v in tensors if v.shape[0] == tensors[0].shape[0]]
+    if not tensors or tensors[0].dim() == 0:
         raise TypeError(
             f"cannot measure connectivity of a model whose output is {type(output).__name__}; "
             "it must return a batched tensor, a tuple/dict holding one, or an object with .logits"
         )
-    return tensor
+    return tensors
+
+
+def output_tensor(output: Any) -> torch.Tensor:
+    """The tensor of a model's output that connectivity sums: the logits, or every output of a tuple.
+
+    Accepts a tensor; a Hugging Face ``ModelOutput`` or dict (its ``logits``, else its first
+    batched tensor: a 0-dim ``loss`` is skipped); or a tuple/list, whose every floating-point
+    tensor with the batch dimension of the first one is an output the flow reaches
+    (``(features, logits)``: both, so the classifier is measured too; ``(loss, logits)``: the
+    logits). Nested structures inside a tuple (cached keys and values) are not outputs. Several
+    tensors are returned as one ``(batch, total size)`` tensor of their flattened values.
+    """
+    tensors = _output_tensors(output)
+    if len(tensors) == 1:
+        return tensors[0]
+    return torch.cat([t.reshape(t.shape[0], -1) for t in tensors], 1)
 
 
 def summed_output(output: Any) -> torch.Tensor:
@@ -517,9 +532,17 @@ def traced_output(out: Any) -> Tuple[torch.Tensor, Optional[float]]:
     from . import engine
 
     plain = engine._map(out, lambda o: o.value if isinstance(o, engine.Scaled) else o)
-    tensor = output_tensor(plain)
-    found = [o.log_scale for o in _flatten(out) if isinstance(o, engine.Scaled) and o.value is tensor]
-    return tensor, (found[0] if found else None)
+    tensors = _output_tensors(plain)
+    flows = [o for o in _flatten(out) if isinstance(o, engine.Scaled)]
+    scales = [next((o.log_scale for o in flows if o.value is t), None) for t in tensors]
+    if len(tensors) == 1:
+        return tensors[0], scales[0]
+    if any(s is None for s in scales):
+        return output_tensor(plain), None
+    # several outputs, each at its own scale: one tensor at the largest scale (a far smaller flow
+    # underflows to 0 there, as its share of phi_tot does)
+    top = max(scales)
+    return torch.cat([t.reshape(t.shape[0], -1) * math.exp(s - top) for t, s in zip(tensors, scales)], 1), top
 
 
 def _flatten(obj: Any) -> List[Any]:

@@ -32,6 +32,8 @@ Example:
 from __future__ import annotations
 
 import math
+import numbers
+import sys
 import warnings
 import weakref
 from dataclasses import dataclass
@@ -167,7 +169,13 @@ class _InputRecorder:
         self._depth = max(0, self._depth - 1)
         if self._depth > 0 or output is _CALL_FAILED:
             return
-        if kwargs and not args:
+        traced = _pruner_trace_input()
+        if isinstance(traced, torch.Tensor):
+            # Torch-Pruning's first try, model(*example_inputs), unbinds a tensor along its batch
+            # dimension and succeeds on models that accept one unbatched sample (an MLP, an
+            # attention block): the input is the example tensor, not the sample the model saw.
+            self.inputs[module] = _TensorSpec.of(traced)
+        elif kwargs and not args:
             self.inputs[module] = _TensorSpec.of(dict(kwargs))
         elif len(args) == 1 and not kwargs:
             self.inputs[module] = _TensorSpec.of(args[0])
@@ -178,6 +186,43 @@ class _InputRecorder:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+
+
+_NOT_TRACING = object()
+
+
+def _pruner_trace_input() -> Any:
+    """The tensor ``example_inputs`` of a Torch-Pruning dependency-graph trace running now, if any.
+
+    Read from the calling frames: ``DependencyGraph._trace`` calls ``model(*example_inputs)`` before
+    ``model(example_inputs)``. Returns ``_NOT_TRACING`` outside such a trace, and for a trace that
+    runs the user's own ``forward_fn`` or a tuple or dict of inputs (those calls are what they say).
+    """
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code.co_name == "_trace" and frame.f_globals.get("__name__", "").startswith("torch_pruning."):
+            local = frame.f_locals
+            inputs = local.get("example_inputs", _NOT_TRACING)
+            return inputs if local.get("forward_fn") is None else _NOT_TRACING
+        frame = frame.f_back
+    return _NOT_TRACING
+
+
+#: Modules whose loops score every group of a step before the model changes (and, for local
+#: pruning, change only the group just scored): Torch-Pruning's pruners and the LLM block pruner.
+_SWEEPING_CALLERS = ("torch_pruning.pruner.", "connect_tp.llm")
+
+
+def _called_from_a_pruner(depth: int = 12) -> bool:
+    """Whether one of the :data:`_SWEEPING_CALLERS` is among the ``depth`` innermost calling frames."""
+    frame = sys._getframe(1)
+    for _ in range(depth):
+        if frame is None:
+            return False
+        if frame.f_globals.get("__name__", "").startswith(_SWEEPING_CALLERS):
+            return True
+        frame = frame.f_back
+    return False
 
 
 # Autograd nodes that save the tensor they were applied to, and where that tensor's edge sits in
@@ -248,7 +293,19 @@ def _batch_slice(x: Any, n: int, start: int, stop: int) -> Any:
 
 
 def _is_number(x: Any) -> bool:
-    return not isinstance(x, bool) and isinstance(x, (int, float)) and not math.isnan(x)
+    """A real number that is not NaN and fits a float (``10**400`` does not; ``math.inf`` does)."""
+    if isinstance(x, bool) or not isinstance(x, numbers.Real):
+        return False
+    try:
+        return not math.isnan(float(x))
+    except (OverflowError, TypeError, ValueError):
+        return False
+
+
+def _shown(x: Any) -> str:
+    """``repr(x)``, shortened for numbers with hundreds of digits."""
+    text = repr(x)
+    return text if len(text) <= 40 else f"{text[:12]}...({len(text)} characters)"
 
 
 def _lam_of_endpoint(balance: float) -> Optional[float]:
@@ -314,6 +371,14 @@ def _batches_of_elements(items: Sequence[Any], limit: int,
         batches[-1].append(item)
         filled += size(item)
     return batches
+
+
+def _check_not_meta(model: nn.Module) -> None:
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if t.device.type == "meta":
+            raise ValueError(
+                f"ConnectImportance cannot score a model on the meta device ({name!r} has no data): materialize "
+                "its weights first (e.g. model.to_empty(device=...) and load a state dict)")
 
 
 def _check_finite(params: Dict[str, torch.Tensor]) -> None:
@@ -412,7 +477,7 @@ class ConnectImportance(tp.importance.TaylorImportance):
         if lam is not None and balance is not None:
             raise ValueError("give either lam (absolute) or balance (scale-free), not both")
         if lam is not None and not (_is_number(lam) and 0 <= lam <= MAX_LAMBDA):
-            raise ValueError(f"lam must be a number in [0, {MAX_LAMBDA:g}], got {lam!r}; for the "
+            raise ValueError(f"lam must be a number in [0, {MAX_LAMBDA:g}], got {_shown(lam)}; for the "
                              "connectivity term alone use balance=math.inf")
         #: Whether the strength is the library default (neither ``lam`` nor ``balance`` given): a
         #: caller that knows the model family can say that the default was chosen on CNNs.
@@ -420,7 +485,8 @@ class ConnectImportance(tp.importance.TaylorImportance):
         if self.default_strength:
             balance = DEFAULT_BALANCE
         if balance is not None and not (_is_number(balance) and balance >= 0):
-            raise ValueError(f"balance must be a number >= 0 (math.inf allowed), got {balance!r}")
+            raise ValueError(f"balance must be a number >= 0 that fits a float (math.inf allowed), "
+                             f"got {_shown(balance)}")
         if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 1:
             raise ValueError(f"n_samples must be an integer >= 1, got {n_samples!r}")
         if group_reduction not in _REDUCTIONS:
@@ -440,12 +506,16 @@ class ConnectImportance(tp.importance.TaylorImportance):
         self.lam: Optional[float] = self._fixed_lam if self.balance is None else _lam_of_endpoint(self.balance)
         self.n_samples = n_samples
         self.example_inputs = example_inputs
+        self._given_inputs = example_inputs  # what reset() goes back to (recorded inputs are forgotten)
         self.batchnorm = batchnorm
         self.bn_flow = bn_flow
         self.seed = seed
         self.chunk_size = chunk_size
         # Only a connectivity term needs the input shape; pure Taylor never watches forwards.
         self._recorder = _InputRecorder() if example_inputs is None and self.lam != 0 else None
+        self._recorded_inputs: Any = None  # the input the recorder or the graph gave (not the user's)
+        self._input_model: Optional["weakref.ref[nn.Module]"] = None  # the model recorded inputs belong to
+        self._lam_model: Optional["weakref.ref[nn.Module]"] = None  # the model a balance resolved lambda on
         self._cache_key: Optional[tuple] = None
         self._connectivity_grads: Dict[int, torch.Tensor] = {}
         self._cached_params: Dict[int, "weakref.ref[torch.Tensor]"] = {}
@@ -456,7 +526,17 @@ class ConnectImportance(tp.importance.TaylorImportance):
         self._warned_data_free = False
         self._warned_flat = False
         self._warned_chunks = False
+        self._fallback_reason: Optional[str] = None  # why the last engine pass handed over to the general one
+        self._warned_fallback = False
+        self._warned_clamp = False
+        self._flat = False  # whether the last connectivity gradient was rounding noise (a normalized output)
+        self._warned_groups: set = set()  # layer names of groups already warned about (all-zero scores)
         self.last_log_connectivity: Optional[float] = None
+        #: Which pass computed the last connectivity gradient: ``"scaled-<dtype>"`` (the engine's
+        #: log-scaled pass in the model's precision, e.g. ``"scaled-float32"``), ``"general-<dtype>"``
+        #: (the traced-free ``functional_call`` pass, in the precision that measured phi finitely,
+        #: e.g. ``"general-float64"``), or ``None`` before the first measurement.
+        self.engine_path: Optional[str] = None
         #: Whether the last connectivity gradient came from the one mean input (the flow was affine
         #: on the random inputs, so the mean of their flows is the flow of their mean; docs/engine.md).
         self.used_mean_sample = False
@@ -470,13 +550,27 @@ class ConnectImportance(tp.importance.TaylorImportance):
             recorder.remove()
 
     def reset(self) -> None:
-        """Forget the lambda a balance resolved to and the cached gradients (for a new run)."""
+        """Forget everything learnt from the last model, for a new run.
+
+        Forgets the lambda a balance resolved to, the cached gradients, the input recorded from
+        the pruner's trace (inputs given as ``example_inputs=`` stay), the precision that last
+        measured phi_tot, and which warnings were given. Call it before building the next pruner,
+        so that its trace is recorded again.
+        """
         if self.balance is not None:
             self.lam = _lam_of_endpoint(self.balance)
+        self._lam_model = None
         self._cache_key = None
         self._connectivity_grads = {}
         self._cached_params = {}
         self._sweep_model, self._sweep_roots = None, set()
+        self.example_inputs, self._recorded_inputs, self._input_model = self._given_inputs, None, None
+        self._dtype = None
+        if self.example_inputs is None and self.lam != 0 and self._recorder is None:
+            self._recorder = _InputRecorder()
+        self._flat = self._warned_flat = self._warned_fallback = self._warned_clamp = False
+        self._warned_data_free, self._warned_groups = False, set()
+        self.engine_path, self.last_log_connectivity = None, None
 
     @property
     def data_free(self) -> bool:
@@ -485,9 +579,17 @@ class ConnectImportance(tp.importance.TaylorImportance):
 
     # ------------------------------------------------------------------ connectivity gradients
     def _inputs_for(self, model: nn.Module, graph: Any = None) -> Any:
-        if self.example_inputs is not None:
-            inputs = self.example_inputs
-        else:
+        """The model's input structure: given, recorded from the pruner's trace, or read from the graph.
+
+        An input recorded for one model is never used for another: a second model's input is looked
+        up again (the recorder, then its dependency graph).
+        """
+        inputs = self.example_inputs
+        if inputs is not None and inputs is self._recorded_inputs:
+            owner = self._input_model() if self._input_model is not None else None
+            if owner is not model:
+                inputs = None
+        if inputs is None:
             recorded = self._recorder.inputs.get(model) if self._recorder is not None else None
             if recorded is not None:
                 inputs = _TensorSpec.materialize(recorded)
@@ -495,10 +597,18 @@ class ConnectImportance(tp.importance.TaylorImportance):
                 inputs = _inputs_from_graph(graph)
                 if inputs is None:
                     raise ValueError(
-                        "ConnectImportance cannot tell the model's input shape: it was not built before the "
-                        "pruner traced the model, and the group's dependency graph does not show a single "
-                        "model input. Pass it explicitly: ConnectImportance(example_inputs=...)."
+                        "ConnectImportance cannot tell the model's input shape: it was not built (or reset()) "
+                        "before the pruner traced the model, and the group's dependency graph does not show a "
+                        "single model input. Pass it explicitly: ConnectImportance(example_inputs=...)."
                     )
+            inputs = _follow_model(inputs, model)
+            # The input structure is known now: keep it for this model and stop watching every forward pass.
+            self.example_inputs = self._recorded_inputs = _TensorSpec.of_batch(inputs)
+            self._input_model = weakref.ref(model)
+            if self._recorder is not None:
+                self._recorder.remove()
+                self._recorder = None
+            return inputs
         return _follow_model(inputs, model)
 
     @staticmethod
@@ -571,11 +681,13 @@ class ConnectImportance(tp.importance.TaylorImportance):
         that group's parameters). The model's state is therefore fingerprinted (and the gradient
         recomputed if it changed) at the first call of each sweep, that is whenever a group's root is
         scored a second time or a group's parameters are not those the cache was computed for; the
-        other calls of the sweep only decide, per call, whether loss gradients exist.
+        other calls of the sweep only decide, per call, whether loss gradients exist. A call from
+        anywhere else (a user scoring groups by hand, who may edit weights in between) fingerprints
+        the model every time, so it never reads a stale gradient.
         """
         root = self._sweep_root(group) if group is not None else None
         new_sweep = (model is not self._sweep_model or root is None or root in self._sweep_roots
-                     or not self._is_cached(group))
+                     or not self._is_cached(group) or not _called_from_a_pruner())
         if new_sweep:
             self._full_refresh(model, graph)
             self._sweep_model, self._sweep_roots = model, set()
@@ -608,7 +720,13 @@ class ConnectImportance(tp.importance.TaylorImportance):
 
     def _full_refresh(self, model: nn.Module, graph: Any = None, resolve: bool = True) -> None:
         params = dict(model.named_parameters())
+        _check_not_meta(model)
         self._sweep_params = list(params.values())
+        owner = self._lam_model() if self._lam_model is not None else None
+        if self._lam_model is not None and owner is not model:
+            # lambda and the measuring precision belong to the model they were found on; a balance is
+            # scale-free, so a new model resolves its own lambda (kappa means the same on both)
+            self.lam, self._lam_model, self._dtype, self._flat = None, None, None, False
         self._decide_loss(self._sweep_params)
         key, finite = self._state_key(model)
         if not finite:
@@ -621,24 +739,30 @@ class ConnectImportance(tp.importance.TaylorImportance):
             # the parameters the gradient was computed for (a streamed LLM step switches requires_grad)
             self._cached_params = {id(p): weakref.ref(p) for p in params.values() if p.requires_grad}
             self._cache_key = key
+        if self._flat and not self._use_loss:
+            raise RuntimeError(
+                "ConnectImportance cannot score without loss gradients here: log phi_tot does not depend on the "
+                "weights (see the warning above), so the connectivity term is zero for every layer. Prune a "
+                "model that returns the values before its normalizing layer, or run loss.backward() and use a "
+                "finite balance.")
         if self.lam is None and resolve:  # a finite balance resolves to lambda at the first step, then stays
-            self.lam = self.lambda_from_masses(*self._masses(model))
+            # a connectivity that does not depend on the weights has no lambda: the run is Taylor (warned)
+            self.lam = 0.0 if self._flat else self.lambda_from_masses(*self._masses(model))
+            self._lam_model = weakref.ref(model)
 
     def _connectivity_gradients(self, model: nn.Module, params: Dict[str, torch.Tensor],
                                 graph: Any = None) -> Dict[int, torch.Tensor]:
         inputs = self._inputs_for(model, graph)
-        if self._recorder is not None:
-            # The input structure is known now; stop watching every forward pass.
-            self.example_inputs = _TensorSpec.of_batch(inputs)
-            self._recorder.remove()
-            self._recorder = None
         names = [n for n, p in params.items() if p.requires_grad]
         leaves = {n: params[n].detach().requires_grad_(True) for n in names}
         frozen = {n: p.detach() for n, p in params.items() if n not in leaves}
+        native = next((p.dtype for p in params.values() if p.is_floating_point()), torch.float32)
+        self._fallback_reason = None
         with torch.enable_grad():
             traced = self._traced_gradients(model, inputs, leaves, frozen) if self._dtype is None else None
             if traced is not None:
                 self.last_log_connectivity, grads = traced
+                self.engine_path = f"scaled-{str(native).replace('torch.', '')}"
             else:  # untraceable, not exactly representable, or a result the general path must judge
                 if self.chunk_size is not None and self.chunk_size < self.n_samples and not self._warned_chunks:
                     self._warned_chunks = True
@@ -651,8 +775,18 @@ class ConnectImportance(tp.importance.TaylorImportance):
                 grads = torch.autograd.grad(log_phi, list(leaves.values()), allow_unused=True)
                 self.last_log_connectivity = log_phi.item()
                 del log_phi
+                self.engine_path = f"general-{str(self._dtype or native).replace('torch.', '')}"
+                if self._fallback_reason is not None and not self._warned_fallback:
+                    self._warned_fallback = True
+                    warnings.warn(f"ConnectImportance: the engine's log-scaled pass cannot run this model "
+                                  f"({self._fallback_reason}); the connectivity gradient comes from the general "
+                                  f"pass instead (torch.func.functional_call in {self.engine_path[8:]}), which is "
+                                  "slower and keeps more activations. imp.engine_path says which pass ran.",
+                                  RuntimeWarning, stacklevel=2)
         self.connectivity_evaluations += 1
-        self._check_depends_on_weights(model, inputs, names, params, grads)
+        self._flat = self._check_depends_on_weights(model, inputs, names, params, grads)
+        if self._flat:  # rounding noise, not a gradient: the connectivity term is dropped (warned)
+            return {}
         # Kept in float32 at least: a half-precision copy would round the small gradients that lam multiplies.
         return {id(params[n]): g.to(torch.promote_types(params[n].dtype, torch.float32))
                 for n, g in zip(names, grads) if g is not None}
@@ -685,8 +819,9 @@ class ConnectImportance(tp.importance.TaylorImportance):
         batched, or a chunk's sum is not positive and finite (the general path then raises its
         explanation) or the output is centred.
         """
-        if engine.traced_graph(model) is None:
-            return None
+        with _EvalMode(model):  # traced as the pass runs it (a forward may branch on self.training)
+            if engine.traced_graph(model) is None:
+                return None
         n = self.n_samples
         generator = None if self.seed is None else torch.Generator().manual_seed(self.seed)
         samples = connectivity_inputs(model, inputs, n, generator)
@@ -699,7 +834,8 @@ class ConnectImportance(tp.importance.TaylorImportance):
                 try:
                     with _EvalMode(model), _explained_input_errors(samples):
                         affine = engine.affine_on_samples(model, samples, params, self.bn_flow)
-                except engine.NeedsFallback:
+                except engine.NeedsFallback as exc:
+                    self._fallback_reason = str(exc)
                     return None
             if affine:  # the mean of the n flows and its gradient are those of the mean input
                 samples, n, self.used_mean_sample = samples.mean(0, keepdim=True), 1, True
@@ -716,7 +852,9 @@ class ConnectImportance(tp.importance.TaylorImportance):
                 chunk = _batch_slice(samples, n, start, min(start + size, n))
                 with _EvalMode(model), _explained_input_errors(chunk):
                     out, _ = engine.run_traced(model, chunk, params, "signal", self.bn_flow, layer_outputs=False)
-            except (engine.NeedsFallback, _NotBatched):
+            except (engine.NeedsFallback, _NotBatched) as exc:
+                if isinstance(exc, engine.NeedsFallback):
+                    self._fallback_reason = str(exc)
                 return abandon()
             tensor, log_scale = traced_output(out)
             del out
@@ -753,12 +891,14 @@ class ConnectImportance(tp.importance.TaylorImportance):
         return log_total - math.log(n), grads
 
     def _check_depends_on_weights(self, model: nn.Module, inputs: Any, names: List[str],
-                                  params: Dict[str, torch.Tensor], grads: Sequence[Optional[torch.Tensor]]) -> None:
-        """Warn when log phi_tot does not depend on the weights' magnitudes (a normalized output).
+                                  params: Dict[str, torch.Tensor], grads: Sequence[Optional[torch.Tensor]]) -> bool:
+        """Whether log phi_tot does not depend on the weights' magnitudes (a normalized output); warns once.
 
         ``sum |W * d log phi / dW|`` is about the number of layers on a path for any network whose
-        output grows with its weights; it is 0 (up to rounding) when the last layer normalizes the
-        output, e.g. a softmax (phi_tot is then the number of rows, a constant).
+        output grows with its weights; it is 0 up to rounding when the last layer normalizes the
+        output, e.g. a softmax (phi_tot is then the number of rows, a constant). At or below
+        ``_FLAT_CONNECTIVITY`` the gradient is rounding noise and the caller drops it: the scores
+        are the loss term's alone (Taylor's), whichever strength was given.
         """
         pairs = [(params[n].detach(), g) for n, g in zip(names, grads) if g is not None]
         if pairs and len({(w.device, w.dtype, g.dtype) for w, g in pairs}) == 1:
@@ -770,8 +910,10 @@ class ConnectImportance(tp.importance.TaylorImportance):
             norms = [torch.linalg.vector_norm(w * g, 1) for w, g in pairs]
         # Summed on the CPU: the parameters of a split model (device_map="auto") sit on several devices.
         mass = float(sum(x.to("cpu", torch.float64) for x in norms)) if norms else 0.0
-        if mass > _FLAT_CONNECTIVITY or self._warned_flat:
-            return
+        if mass > _FLAT_CONNECTIVITY:
+            return False
+        if self._warned_flat or not self._use_loss:
+            return True  # without a loss term the step raises, naming this cause
         self._warned_flat = True
         try:
             layer = describe_output_layer(model, connectivity_inputs(model, inputs, 1, torch.Generator().manual_seed(0)))
@@ -780,10 +922,12 @@ class ConnectImportance(tp.importance.TaylorImportance):
         warnings.warn(
             f"ConnectImportance: log phi_tot does not depend on the weights (sum |W * dlogphi/dW| = {mass:.2g}): "
             f"the model's output comes from {layer}, which normalizes it (a softmax, or a norm without "
-            "affine), so every connectivity gradient is zero and the scores are Taylor's. Prune a model "
-            "that returns the values before that layer (e.g. the logits).",
+            "affine), so the connectivity gradient is rounding noise: it is dropped and the scores are "
+            "Taylor's (a balance resolves to lambda = 0). Prune a model that returns the values before that "
+            "layer (e.g. the logits).",
             stacklevel=4,
         )
+        return True
 
     def taylor_masses(self, model: nn.Module) -> Tuple[float, float]:
         """``(sum |W dL/dW|, sum |W d log phi / dW|)`` over the conv and linear weights that have both now.
@@ -821,10 +965,18 @@ class ConnectImportance(tp.importance.TaylorImportance):
                 "gradient of a real loss on calibration data before pruner.step(), or pass lam= or "
                 "balance=math.inf."
             )
-        if not conn_mass > 0:
-            raise RuntimeError("the connectivity gradient is zero for every convolution and linear weight: "
-                               "the model's output does not depend on its weights' magnitudes (see the warning above)")
+        if not conn_mass > _FLAT_CONNECTIVITY:
+            raise RuntimeError(f"the connectivity Taylor mass is {conn_mass:.2g}, rounding noise: the model's output "
+                               "does not depend on its weights' magnitudes (see the warning above)")
         lam = self.balance * loss_mass / conn_mass
+        if not lam <= MAX_LAMBDA:  # also catches an overflow to inf
+            if not self._warned_clamp:
+                self._warned_clamp = True
+                warnings.warn(
+                    f"ConnectImportance(balance={self.balance:g}) resolves to lambda = {lam:.3g}, above MAX_LAMBDA = "
+                    f"{MAX_LAMBDA:g}; lambda is clamped to {MAX_LAMBDA:g}, where the loss term no longer changes "
+                    "the ranking. Use balance=math.inf for the connectivity term alone.", UserWarning, stacklevel=3)
+            lam = MAX_LAMBDA
         if fix:
             self.lam = lam
         return lam
@@ -868,20 +1020,21 @@ class ConnectImportance(tp.importance.TaylorImportance):
             )
         return graph.model
 
-    def _channel_scores(self, layer: nn.Module, prune_fn: Callable, idxs: List[int]) -> List[torch.Tensor]:
-        """Per-channel Taylor scores of one member of a group (weight, and bias if asked)."""
+    def _channel_scores(self, layer: nn.Module, prune_fn: Callable, idxs: List[int],
+                        gradient: Callable[[torch.Tensor], Optional[torch.Tensor]]) -> List[torch.Tensor]:
+        """Per-channel scores ``|W * gradient(W)|`` of one member of a group (weight, and bias if asked)."""
         scores = []
         transposed = getattr(layer, "transposed", False)
         if prune_fn in _OUT_CHANNEL_FNS:
-            grad = self._score_gradient(layer.weight)
+            grad = gradient(layer.weight)
             if grad is not None:
                 w, g = layer.weight.data, grad
                 if transposed:
                     w, g = w.transpose(1, 0), g.transpose(1, 0)
                 scores.append((w[idxs] * g[idxs]).flatten(1).abs().sum(1))
-            scores += self._bias_scores(layer, idxs)
+            scores += self._bias_scores(layer, idxs, gradient)
         elif prune_fn in _IN_CHANNEL_FNS:
-            grad = self._score_gradient(layer.weight)
+            grad = gradient(layer.weight)
             if grad is not None:
                 w, g = layer.weight.data, grad
                 if not transposed:
@@ -895,29 +1048,68 @@ class ConnectImportance(tp.importance.TaylorImportance):
             is_layernorm = prune_fn == function.prune_layernorm_out_channels
             affine = layer.elementwise_affine if is_layernorm else layer.affine
             if affine and (is_layernorm or self.batchnorm):
-                grad = self._score_gradient(layer.weight)
+                grad = gradient(layer.weight)
                 if grad is not None:
                     scores.append((layer.weight.data[idxs] * grad[idxs]).abs())
-                scores += self._bias_scores(layer, idxs)
+                scores += self._bias_scores(layer, idxs, gradient)
         return scores
 
-    def _bias_scores(self, layer: nn.Module, idxs: List[int]) -> List[torch.Tensor]:
+    def _bias_scores(self, layer: nn.Module, idxs: List[int],
+                     gradient: Callable[[torch.Tensor], Optional[torch.Tensor]]) -> List[torch.Tensor]:
         if not self.bias or getattr(layer, "bias", None) is None:
             return []
-        grad = self._score_gradient(layer.bias)
+        grad = gradient(layer.bias)
         return [] if grad is None else [(layer.bias.data[idxs] * grad[idxs]).abs()]
 
-    @torch.no_grad()
-    def __call__(self, group) -> Optional[torch.Tensor]:
-        self._refresh(self._model_of(group), getattr(group, "_DG", None), group)
+    def _group_scores(self, group, gradient: Callable[[torch.Tensor], Optional[torch.Tensor]]) -> Optional[torch.Tensor]:
+        """One score per channel of ``group``, reduced over its layers; ``None`` when no layer is scored."""
         group_imp, group_idxs = [], []
         for i, (dep, idxs) in enumerate(group):
             layer = dep.target.module
             if not isinstance(layer, tuple(self.target_types)):
                 continue
-            for local in self._channel_scores(layer, dep.handler, idxs):
+            for local in self._channel_scores(layer, dep.handler, idxs, gradient):
                 group_imp.append(local)
                 group_idxs.append(group[i].root_idxs)
         if not group_imp:  # groups without scored layers are left to the pruner's defaults
             return None
-        return self._normalize(self._reduce(group_imp, group_idxs), self.normalizer)
+        return self._reduce(group_imp, group_idxs)
+
+    def _scores_without_signal(self, group) -> Tuple[torch.Tensor, str]:
+        """Scores for a group whose objective scores are all zero (every normalizer would give 0/0 = NaN).
+
+        The loss term alone when it exists and is not zero there, else the weights' magnitudes
+        ``|W|`` (per channel, reduced like the other scores). Warns once per group, naming its layers.
+        """
+        loss = None
+        if self._use_loss and self.lam != 0:
+            loss = self._group_scores(group, lambda p: p.grad)
+        if loss is not None and bool(loss.any()):
+            scores, what = loss, "the loss term alone (Taylor's scores)"
+        else:
+            scores, what = self._group_scores(group, torch.ones_like), "the weights' magnitudes |W|"
+        names = {m: n for n, m in self._model_of(group).named_modules()}
+        layers = tuple(sorted({names.get(dep.target.module) or type(dep.target.module).__name__ for dep, _ in group
+                               if isinstance(dep.target.module, tuple(self.target_types))}))
+        if layers not in self._warned_groups:
+            self._warned_groups.add(layers)
+            term = "|W * dL/dW|" if self.lam == 0 else ("|W * d log phi/dW|" if not self._use_loss
+                                                         else "|W * (dL/dW - lam * d log phi/dW)|")
+            warnings.warn(
+                f"ConnectImportance: every score {term} of the group of {', '.join(layers[:6])}"
+                f"{' ...' if len(layers) > 6 else ''} is zero (no gradient reaches these layers), which the "
+                f"{self.normalizer!r} normalizer would turn into NaN; this group is scored by {what} instead.",
+                UserWarning, stacklevel=4)
+        return scores, what
+
+    @torch.no_grad()
+    def __call__(self, group) -> Optional[torch.Tensor]:
+        self._refresh(self._model_of(group), getattr(group, "_DG", None), group)
+        scores = self._group_scores(group, self._score_gradient)
+        if scores is None:
+            return None
+        if not bool(scores.any()):
+            scores, _ = self._scores_without_signal(group)
+            if not bool(scores.any()):  # every weight of the group is zero: no ranking exists, and no NaN
+                return scores
+        return self._normalize(scores, self.normalizer)

@@ -144,6 +144,9 @@ def test_balance_moves_the_ranking_between_the_endpoints():
     ({"balance": "1"}, "balance"),
     ({"lam": 1e300}, "lam"),
     ({"lam": float("inf")}, "lam"),
+    ({"lam": 10 ** 400}, "lam"),  # an int beyond float's range: ValueError, not OverflowError
+    ({"balance": 10 ** 400}, "balance"),
+    ({"balance": -10 ** 400}, "balance"),
     ({"seed": -1}, "seed"),
     ({"seed": 1.5}, "seed"),
     ({"normalizer": "sentinel_x"}, "sentinel"),
@@ -288,3 +291,79 @@ def test_nan_weights_are_reported_as_nan():
     model.conv1.weight.data[0, 0, 0, 0] = float("nan")
     with pytest.raises(ValueError, match="NaN"):
         all_scores(model, ConnectImportance(balance=1.0, example_inputs=torch.rand(1, 3, 32, 32)))
+
+
+# ---------------------------------------------------------------------------------- bounds and reuse
+def test_a_huge_balance_is_clamped_to_max_lambda_with_a_warning():
+    from connect_tp.importance import MAX_LAMBDA
+
+    model = trained_like_resnet()
+    loss_backward(model)
+    imp = ConnectImportance(balance=1e300, example_inputs=torch.rand(1, 3, 32, 32))
+    with pytest.warns(UserWarning, match="clamped to 1e\\+12"):
+        scores = all_scores(model, imp)
+    assert imp.lam == MAX_LAMBDA  # 1e300 resolved to lambda = 1.5e301 and NaN scores before
+    assert all(torch.isfinite(s).all() for s in scores)
+    # at the bound the ranking is the connectivity term's
+    alone = all_scores(model, ConnectImportance(balance=math.inf, example_inputs=torch.rand(1, 3, 32, 32)))
+    for got, want in zip(scores, alone):
+        torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-5)
+
+
+def test_a_reused_importance_resolves_lambda_for_each_model():
+    first, second = trained_like_resnet(0), trained_like_resnet(1)
+    loss_backward(first, scale=10.0)
+    loss_backward(second)
+    imp = ConnectImportance(balance=1.0, example_inputs=torch.rand(1, 3, 32, 32))
+    all_scores(first, imp)
+    lam_first = imp.lam
+    all_scores(second, imp)
+    fresh = ConnectImportance(balance=1.0, example_inputs=torch.rand(1, 3, 32, 32))
+    all_scores(second, fresh)
+    assert imp.lam == pytest.approx(fresh.lam, rel=1e-9)
+    assert imp.lam != pytest.approx(lam_first, rel=0.1)  # the first model's lambda was kept before
+
+
+# ---------------------------------------------------------------------------------- normalized outputs
+class UntraceableSoftmax(nn.Module):
+    """A softmax output behind control flow ``torch.fx`` cannot trace: the general pass measures it."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Linear(4, 6)
+        self.head = nn.Linear(6, 5)
+
+    def forward(self, x):
+        h = F.relu(self.body(x))
+        if bool(h.sum() >= 0):  # data-dependent: fx fails here
+            h = h + 0.0
+        return torch.softmax(self.head(h), -1)
+
+
+def softmax_group():
+    torch.manual_seed(0)
+    model = UntraceableSoftmax()
+    F.nll_loss(torch.log(model(torch.rand(8, 4))), torch.randint(0, 5, (8,))).backward()
+    graph = tp.DependencyGraph().build_dependency(model, example_inputs=torch.rand(1, 4))
+    return model, graph.get_pruning_group(model.body, tp.prune_linear_out_channels, idxs=list(range(6)))
+
+
+@pytest.mark.parametrize("kwargs", [{"balance": 1.0}, {"balance": 100.0}, {"lam": 5.0}])
+def test_a_normalized_output_drops_the_connectivity_term_and_says_so(kwargs):
+    model, group = softmax_group()
+    imp = ConnectImportance(example_inputs=torch.rand(1, 4), **kwargs)
+    with pytest.warns(UserWarning, match="softmax.*rounding noise.*Taylor's"):
+        scores = imp(group)
+    assert imp.engine_path == "general-float32"
+    taylor = tp.importance.GroupTaylorImportance()(group)
+    # a connectivity mass of ~1e-8 resolved a balance to lambda ~ 1e4 on rounding noise before
+    torch.testing.assert_close(scores, taylor, rtol=1e-6, atol=0)
+    if "balance" in kwargs:
+        assert imp.lam == 0.0
+
+
+def test_a_normalized_output_cannot_be_scored_data_free():
+    model, group = softmax_group()
+    imp = ConnectImportance(balance=math.inf, example_inputs=torch.rand(1, 4))
+    with pytest.raises(RuntimeError, match="does not depend on the weights"):
+        imp(group)

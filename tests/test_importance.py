@@ -1,4 +1,5 @@
 """ConnectImportance: Taylor equivalence, connectivity effect, Torch-Pruning integration, errors."""
+import math
 import warnings
 
 import pytest
@@ -252,3 +253,248 @@ def test_batchnorm_option_scores_bn_affine():
     expected_extra = (bn.weight * bn.weight.grad).abs()
     assert torch.all(on > off)
     torch.testing.assert_close(on - off, expected_extra.detach(), rtol=1e-4, atol=1e-7)
+
+
+# ------------------------------------------------------------------ the trace cache
+class LayerNorm2dNet(nn.Module):
+    """ConvNeXt's pattern: torchvision's LayerNorm2d reads ``normalized_shape`` in its forward."""
+
+    def __init__(self):
+        super().__init__()
+        from torchvision.models.convnext import LayerNorm2d
+
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.norm = LayerNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 6, 3, padding=1)
+        self.fc = nn.Linear(6, 4)
+        nn.init.constant_(self.norm.bias, 1.0)  # a positive flow after the centring
+
+    def forward(self, x):
+        return self.fc(F.relu(self.conv2(F.relu(self.norm(self.conv1(x))))).mean((2, 3)))
+
+
+def test_pruning_a_module_that_reads_its_attributes_retraces():
+    torch.manual_seed(0)
+    model = LayerNorm2dNet()
+    example = torch.rand(1, 3, 8, 8)
+    imp = ConnectImportance(balance=float("inf"))
+    pruner = tp.pruner.MetaPruner(model, example, importance=imp, global_pruning=True, pruning_ratio=0.5,
+                                  iterative_steps=3, ignored_layers=[model.fc])
+    widths = []
+    for _ in range(3):  # the second step failed on a trace that kept normalized_shape = (8,)
+        pruner.step()
+        widths.append(model.conv1.out_channels)
+        assert model.norm.normalized_shape == (model.conv1.out_channels,)
+    assert widths[-1] < 8 and imp.connectivity_evaluations == 3
+    assert math.isfinite(imp.last_log_connectivity)
+
+
+class Heads(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+        self.heads = 2
+
+    def forward(self, x):
+        return self.fc(x).reshape(x.shape[0], self.heads, -1).sum(1)
+
+
+def test_trace_is_keyed_by_attributes_and_shapes():
+    from connect_tp import engine
+
+    def reshapes(graph):
+        return [n.args[2] for n in graph.nodes if n.target == "reshape"]  # (x, batch, heads, -1)
+
+    model = Heads()
+    first = engine.traced_graph(model)
+    assert engine.traced_graph(model) is first  # cached
+    assert reshapes(first) == [2]
+    model.heads = 4  # an attribute the forward reads, no parameter changed
+    assert reshapes(engine.traced_graph(model)) == [4]
+    model.heads = 2
+    assert engine.traced_graph(model) is first  # the last two traces are kept
+    model.fc = nn.Linear(8, 8)  # same shapes, new parameters: the trace stays valid
+    assert engine.traced_graph(model) is first
+    with torch.no_grad():
+        model.fc.weight = nn.Parameter(torch.zeros(4, 8))
+    assert engine.traced_graph(model) is not first  # a parameter shape changed
+
+
+# ------------------------------------------------------------------ the recorded input
+class Attention(nn.Module):
+    """Single-head self-attention over ``(..., tokens, 8)``: it also accepts one unbatched sample."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv = nn.Linear(8, 24)
+        self.proj = nn.Linear(8, 8)
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).chunk(3, -1)
+        return self.proj(torch.softmax(q @ k.transpose(-1, -2), -1) @ v)
+
+
+@pytest.mark.parametrize("make_model,example,layer", [
+    (lambda: nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 2)), torch.rand(1, 8), 0),
+    (Attention, torch.rand(1, 6, 8), "qkv"),
+])
+def test_recorder_keeps_the_example_not_the_pruners_unbatched_trial_call(make_model, example, layer):
+    # Torch-Pruning first calls model(*example_inputs), which unbinds a tensor along its batch
+    # dimension; these models accept the unbatched sample, so that call succeeds.
+    from connect_tp import log_connectivity
+
+    torch.manual_seed(0)
+    model = make_model()
+    imp = ConnectImportance(balance=float("inf"), normalizer=None)
+    graph = tp.DependencyGraph().build_dependency(model, example_inputs=example)
+    target = model[layer] if isinstance(model, nn.Sequential) else getattr(model, layer)
+    group = graph.get_pruning_group(target, tp.prune_linear_out_channels, idxs=list(range(target.out_features)))
+    scores = imp(group)  # failed with "input: shape (1,)" for the MLP
+    assert imp.example_inputs.shape == example.shape
+    expected = log_connectivity(model, example, bn_flow=imp.bn_flow)
+    assert imp.last_log_connectivity == pytest.approx(expected.item(), rel=1e-5)
+    assert torch.isfinite(scores).all()
+
+
+def test_a_second_model_is_measured_on_its_own_input():
+    first, second = GroupedNet(), GroupedNet()
+    imp = ConnectImportance(balance=float("inf"))
+    tp.pruner.MetaPruner(first, torch.rand(1, 3, 16, 16), importance=imp, ignored_layers=[first.fc]).step()
+    assert imp.example_inputs.shape == (1, 3, 16, 16)
+    # built after the recorder stopped watching: the second model's input comes from its graph
+    tp.pruner.MetaPruner(second, torch.rand(1, 3, 8, 8), importance=imp, ignored_layers=[second.fc]).step()
+    assert imp.example_inputs.shape == (1, 3, 8, 8)
+
+
+def test_reset_forgets_the_recorded_input_and_precision():
+    model = GroupedNet()
+    imp = ConnectImportance(balance=float("inf"))
+    tp.pruner.MetaPruner(model, torch.rand(1, 3, 16, 16), importance=imp, ignored_layers=[model.fc]).step()
+    imp._dtype = torch.float64  # as left by a model that only float64 measured
+    imp.reset()
+    assert imp.example_inputs is None and imp._dtype is None and imp.engine_path is None
+    other = GroupedNet()
+    tp.pruner.MetaPruner(other, torch.rand(1, 3, 12, 12), importance=imp, ignored_layers=[other.fc]).step()
+    assert imp.example_inputs.shape == (1, 3, 12, 12)
+    assert imp.engine_path == "scaled-float32"  # not the float64 general pass of the first model
+    given = torch.rand(1, 3, 10, 10)
+    imp = ConnectImportance(balance=float("inf"), example_inputs=given)
+    imp.reset()
+    assert imp.example_inputs is given  # what the user gave stays
+
+
+# ------------------------------------------------------------------ outputs, devices, caches
+class FeaturesAndLogits(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Linear(4, 6)
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, x):
+        features = F.relu(self.body(x))
+        return features, self.fc(features)
+
+
+def test_tuple_output_measures_every_output_so_the_classifier_counts():
+    from connect_tp import connectivity_inputs, log_connectivity
+
+    torch.manual_seed(0)
+    model = FeaturesAndLogits()
+    example = torch.rand(1, 4)
+    x = connectivity_inputs(model, example, 4, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        features = F.relu(F.linear(x, model.body.weight.abs(), model.body.bias.abs()))
+        logits = F.linear(features, model.fc.weight.abs(), model.fc.bias.abs())
+    expected = math.log(float((features.sum(1) + logits.sum(1)).mean()))
+    traced = log_connectivity(model, example)
+    general = log_connectivity(model, example, dtype=torch.float64)  # the traced-free pass
+    assert traced.item() == pytest.approx(expected, rel=1e-6)
+    assert general.item() == pytest.approx(expected, rel=1e-6)
+    grad = torch.autograd.grad(traced, [model.fc.weight])[0]
+    assert float(grad.abs().sum()) > 0  # the classifier has a connectivity gradient
+
+
+def test_meta_device_is_a_value_error():
+    model = GroupedNet()
+    graph = tp.DependencyGraph().build_dependency(model, example_inputs=torch.rand(1, 3, 8, 8))
+    group = graph.get_pruning_group(model.conv3, tp.prune_conv_out_channels, idxs=list(range(12)))
+    model.to("meta")
+    with pytest.raises(ValueError, match="meta device"):
+        ConnectImportance(balance=float("inf"), example_inputs=torch.rand(1, 3, 8, 8))(group)
+
+
+def test_scoring_by_hand_after_an_in_place_edit_is_never_stale():
+    torch.manual_seed(0)
+    model = GroupedNet()
+    example = torch.rand(1, 3, 8, 8)
+    graph = tp.DependencyGraph().build_dependency(model, example_inputs=example)
+    conv2 = graph.get_pruning_group(model.conv2, tp.prune_conv_out_channels, idxs=list(range(8)))
+    conv3 = graph.get_pruning_group(model.conv3, tp.prune_conv_out_channels, idxs=list(range(12)))
+    before = ConnectImportance(balance=float("inf"), example_inputs=example)(conv3)
+    imp = ConnectImportance(balance=float("inf"), example_inputs=example)
+    imp(conv2)
+    model.conv2.weight.data[:4] *= 5.0  # through .data: neither the version counter nor the identity moves
+    model.conv3.weight.data[0] *= 0.1
+    after = imp(conv3)
+    fresh = ConnectImportance(balance=float("inf"), example_inputs=example)(conv3)
+    torch.testing.assert_close(after, fresh, rtol=1e-6, atol=0)
+    assert not torch.allclose(after, before, rtol=1e-3)
+
+
+class DeadBranch(nn.Module):
+    """``side`` and ``side2`` reach the output multiplied by zero: no gradient of any kind reaches them."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Linear(4, 6)
+        self.head = nn.Linear(6, 2)
+        self.side = nn.Linear(4, 5)
+        self.side2 = nn.Linear(5, 2)
+
+    def forward(self, x):
+        return self.head(F.relu(self.body(x))) + 0.0 * self.side2(F.relu(self.side(x)))
+
+
+@pytest.mark.parametrize("kwargs,loss", [({"balance": float("inf")}, False), ({"balance": 1.0}, True),
+                                         ({"balance": 0.0}, True)])
+def test_a_group_without_any_gradient_scores_by_magnitude_and_says_so(kwargs, loss):
+    torch.manual_seed(0)
+    model = DeadBranch()
+    if loss:
+        model(torch.rand(8, 4)).pow(2).sum().backward()
+    graph = tp.DependencyGraph().build_dependency(model, example_inputs=torch.rand(1, 4))
+    group = graph.get_pruning_group(model.side, tp.prune_linear_out_channels, idxs=list(range(5)))
+    imp = ConnectImportance(example_inputs=torch.rand(1, 4), **kwargs)
+    with pytest.warns(UserWarning, match=r"group of side, side2 is zero .*magnitudes \|W\|"):
+        scores = imp(group)  # was 0/0 = NaN under the "mean" normalizer
+    magnitude = (model.side.weight.detach().abs().sum(1) + model.side2.weight.detach().abs().sum(0)) / 2
+    torch.testing.assert_close(scores, magnitude / magnitude.mean(), rtol=1e-6, atol=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per group
+        imp(group)
+
+
+def test_engine_path_and_the_fallback_warning(monkeypatch):
+    model = GroupedNet()
+    example = torch.rand(1, 3, 8, 8)
+    graph = tp.DependencyGraph().build_dependency(model, example_inputs=example)
+    group = graph.get_pruning_group(model.conv3, tp.prune_conv_out_channels, idxs=list(range(12)))
+    imp = ConnectImportance(balance=float("inf"), example_inputs=example)
+    assert imp.engine_path is None
+    expected = imp(group)
+    assert imp.engine_path == "scaled-float32"
+
+    def refuse(*args, **kwargs):
+        raise importance_module.engine.NeedsFallback("node 'gelu' does not fit float32")
+
+    monkeypatch.setattr(importance_module.engine, "run_traced", refuse)
+    monkeypatch.setattr(importance_module.engine, "affine_on_samples", refuse)
+    imp = ConnectImportance(balance=float("inf"), example_inputs=example)
+    with pytest.warns(RuntimeWarning, match=r"node 'gelu' does not fit float32.*general pass"):
+        got = imp(group)
+    assert imp.engine_path == "general-float32"
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
+    model.conv1.weight.data *= 2.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once
+        imp(group)

@@ -1,14 +1,15 @@
 """Tracing and convolution-BatchNorm folding for the engine's pass.
 
 :func:`traced_graph` / ``_trace``: the cached ``torch.fx`` trace of a model (``torch.nn``'s own
-leaf modules) with the eval BatchNorms that alone read a convolution
+leaf modules; re-traced whenever a module, a plain attribute a ``forward`` reads, or a parameter
+or buffer shape changed) with the eval BatchNorms that alone read a convolution
 (``_conv_batchnorm_pairs``); ``_AbsFoldedConv``: such a convolution run with ``|W| * scale``
 rebuilt in the backward. Uses torch and ``torch.fx``.
 """
 from __future__ import annotations
 
 import weakref
-from typing import Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 import torch.fx as fx
@@ -16,22 +17,62 @@ import torch.nn as nn
 
 
 # ------------------------------------------------------------------------------------------ tracing
-_TRACES: "weakref.WeakKeyDictionary[nn.Module, Tuple[tuple, Optional[fx.Graph], Dict[str, str]]]" = \
+#: Traces kept per model: one per signature, the most recent few (a model scored in eval mode and
+#: measured in train mode, or alternating between two shapes, keeps both without re-tracing).
+_TRACES_PER_MODEL = 2
+_TRACES: "weakref.WeakKeyDictionary[nn.Module, Dict[tuple, Tuple[Optional[fx.Graph], Dict[str, str]]]]" = \
     weakref.WeakKeyDictionary()
 CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_PLAIN = (bool, int, float, complex, str, bytes, type(None), torch.dtype, torch.device, torch.memory_format)
+
+
+def _plain(value: Any) -> Any:
+    """``value`` as a hashable constant when ``torch.fx`` would bake it into a trace, else ``_OPAQUE``."""
+    if isinstance(value, _PLAIN):
+        return value
+    if isinstance(value, (tuple, list, torch.Size)):
+        items = tuple(_plain(v) for v in value)
+        return _OPAQUE if any(v is _OPAQUE for v in items) else (type(value).__name__, items)
+    return _OPAQUE
+
+
+_OPAQUE = object()
+
+
+def _signature(model: nn.Module) -> tuple:
+    """Everything that shapes the trace of ``model``, so a cached trace is never stale.
+
+    ``torch.fx`` runs the ``forward`` of every module that is not ``torch.nn``'s own and bakes the
+    plain attributes it reads into the graph as constants (``LayerNorm2d.normalized_shape``, an
+    attention's ``num_heads`` and ``head_dim``); pruning in place changes those attributes together
+    with the parameter shapes. The signature therefore holds, per module: its name and type, every
+    attribute of a plain type (numbers, strings, flags, dtypes, tuples of them; ``training``
+    included, as a ``forward`` may branch on it), and the shape, dtype and presence of every
+    parameter and buffer. Computing it costs a walk over the modules, far less than a trace.
+    """
+    parts = []
+    for name, m in model.named_modules():
+        attrs = tuple((k, v) for k, v in ((k, _plain(v)) for k, v in vars(m).items()) if v is not _OPAQUE)
+        tensors = tuple((k, None if t is None else (tuple(t.shape), t.dtype))
+                        for k, t in list(m._parameters.items()) + list(m._buffers.items()))
+        parts.append((name, type(m), attrs, tensors))
+    return tuple(parts)
 
 
 def _trace(model: nn.Module) -> Tuple[Optional[fx.Graph], Dict[str, str]]:
-    signature = tuple((name, type(m)) for name, m in model.named_modules())
-    cached = _TRACES.get(model)
-    if cached is not None and cached[0] == signature:
-        return cached[1], cached[2]
+    signature = _signature(model)
+    cached = _TRACES.setdefault(model, {})
+    if signature in cached:
+        cached[signature] = cached.pop(signature)  # most recently used last
+        return cached[signature]
     try:
         graph: Optional[fx.Graph] = fx.Tracer().trace(model)
     except Exception:  # fx raises many exception types for untraceable code
         graph = None
     fused = _conv_batchnorm_pairs(model, graph) if graph is not None else {}
-    _TRACES[model] = (signature, graph, fused)
+    cached[signature] = (graph, fused)
+    while len(cached) > _TRACES_PER_MODEL:
+        del cached[next(iter(cached))]
     return graph, fused
 
 
@@ -56,10 +97,12 @@ def _conv_batchnorm_pairs(model: nn.Module, graph: fx.Graph) -> Dict[str, str]:
 
 
 def traced_graph(model: nn.Module) -> Optional[fx.Graph]:
-    """The ``torch.fx`` graph of ``model`` (cached while its module structure is unchanged), or ``None``.
+    """The ``torch.fx`` graph of ``model``, or ``None`` when ``torch.fx`` cannot trace it.
 
-    Leaf modules are ``torch.nn``'s own, as in ``torch.fx.symbolic_trace``. Pruning in place keeps
-    the graph valid: the pass reads every module and parameter afresh.
+    Leaf modules are ``torch.nn``'s own, as in ``torch.fx.symbolic_trace``. The graph is cached
+    under the model's :func:`_signature` (modules, their plain attributes, and parameter and
+    buffer shapes), so pruning in place, which changes shapes and attributes such as
+    ``normalized_shape``, gives a fresh trace; the pass reads every parameter's values afresh.
     """
     return _trace(model)[0]
 
