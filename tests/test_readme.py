@@ -4,6 +4,8 @@ Every ```python block of README.md runs on its own in a fresh interpreter (``sys
 thread (``OMP_NUM_THREADS=1``), in a temporary working directory so that nothing it writes lands in
 the repository; the repository root is on ``PYTHONPATH``. A block that raises, exits non-zero or runs
 past the timeout fails its test, and the test shows the block's line in README.md and its output.
+A python block followed directly by a ```text block must print that text: words exactly, numbers to
+within one unit of the last digit shown (so a rounding flip on another CPU does not fail it).
 
 The rest checks what a block cannot run: the two commands at the top name things that exist (the
 pinned torch of ``.ci/run``, the ``connect-tp`` entry point, the ``offline`` preset, the ``test``
@@ -24,13 +26,44 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 README = os.path.join(REPO, "README.md")
 TIMEOUT_S = 300  # a block takes seconds; the margin is for a busy 2-core machine
 
-_FENCE = re.compile(r"^```python[ \t]*\n(.*?)^```[ \t]*$", re.MULTILINE | re.DOTALL)
+_FENCE = re.compile(r"^```python[ \t]*\n(.*?)^```[ \t]*$(?:\s*^```text[ \t]*\n(.*?)^```[ \t]*$)?",
+                    re.MULTILINE | re.DOTALL)
+_NUMBER = re.compile(r"[-+]?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?")
 _LINK = re.compile(r"\]\(([^)\s]+)\)")
 
 
 def python_blocks(text):
     """``[(line, code)]`` for every ```python fenced block; ``line`` is 1-based, of the fence."""
     return [(text.count("\n", 0, m.start()) + 1, m.group(1)) for m in _FENCE.finditer(text)]
+
+
+def printed_blocks(text):
+    """``{line: expected stdout}`` for every ```python block followed directly by a ```text block."""
+    return {text.count("\n", 0, m.start()) + 1: m.group(2) for m in _FENCE.finditer(text) if m.group(2) is not None}
+
+
+def _unit(shown):
+    """One unit of the last digit of a number as printed: ``"1.03e+03"`` -> 10, ``"4.26"`` -> 0.01."""
+    mantissa, _, exponent = shown.lower().partition("e")
+    decimals = len(mantissa.partition(".")[2])
+    return 10.0 ** (int(exponent or 0) - decimals)
+
+
+def output_differences(expected, got):
+    """Lines where ``got`` differs from ``expected`` beyond the digits shown; ``[]`` when they agree."""
+    want, have = expected.rstrip("\n").split("\n"), got.rstrip("\n").split("\n")
+    if len(want) != len(have):
+        return [f"{len(have)} lines printed, {len(want)} shown"]
+    out = []
+    for a, b in zip(want, have):
+        if _NUMBER.split(a) != _NUMBER.split(b):
+            out.append(f"shown {a!r}, printed {b!r}")
+            continue
+        for x, y in zip(_NUMBER.findall(a), _NUMBER.findall(b)):
+            if abs(float(x) - float(y)) > _unit(x) * (1 + 1e-9):
+                out.append(f"shown {a!r}, printed {b!r} ({x} against {y})")
+                break
+    return out
 
 
 def _readme():
@@ -45,9 +78,20 @@ def test_readme_has_python_blocks():
     assert BLOCKS, "README.md has no ```python block: the usage example is missing"
 
 
+def test_output_comparison():
+    assert output_differences("lambda = 1.03e+03; 4.26x\n", "lambda = 1.04e+03; 4.27x\n") == []
+    assert output_differences("lambda = 1.03e+03\n", "lambda = 1.05e+03\n")  # two units off
+    assert output_differences("MACs 41.4M\n", "MACs 41.4G\n")              # words must match
+    assert output_differences("a\n", "a\nb\n")                              # an extra line
+    assert printed_blocks("```python\nprint(1)\n```\n\n```text\n1\n```\n```python\nx = 1\n```\n") == {1: "1\n"}
+
+
 def test_block_extraction():
     text = "x\n```python\nprint(1)\n```\n```bash\nls\n```\n```python\na = 2\nb = a\n```\n"
     assert python_blocks(text) == [(2, "print(1)\n"), (8, "a = 2\nb = a\n")]
+
+
+PRINTED = printed_blocks(_readme())
 
 
 @pytest.mark.parametrize("line,code", BLOCKS, ids=[f"README.md:{line}" for line, _ in BLOCKS])
@@ -64,6 +108,10 @@ def test_readme_python_block_runs(line, code, tmp_path):
     assert done.returncode == 0, (
         f"the python block at README.md:{line} failed (exit {done.returncode}):\n"
         f"--- code ---\n{code}--- stdout ---\n{done.stdout}--- stderr ---\n{done.stderr}")
+    if line in PRINTED:
+        wrong = output_differences(PRINTED[line], done.stdout)
+        assert not wrong, (f"the python block at README.md:{line} printed something else than the text block "
+                           f"under it shows: {wrong}\n--- stdout ---\n{done.stdout}")
 
 
 def _read(path):
