@@ -1,4 +1,4 @@
-"""A pickle planted in ``--data-dir`` must never run (issue 10, "No code from data").
+"""A pickle planted in ``--data-dir`` must never run: no code from data files.
 
 Each planted file carries a payload that creates a marker file when it is unpickled. The payload is
 first shown to be live (plain ``pickle.loads`` creates the marker), then ``connect_tp`` must refuse

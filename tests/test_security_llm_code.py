@@ -1,4 +1,4 @@
-"""``llm.load_pruned`` runs a folder's modeling file only when the caller opts in (issue 10).
+"""``llm.load_pruned`` runs a folder's modeling file only when the caller opts in.
 
 A pruned model is saved with ``modeling_connect_pruned.py`` next to its weights; loading it means
 running that file. These tests edit the file so that it writes a marker file when imported, and
