@@ -1,0 +1,197 @@
+"""The robustness benchmark's logic: collapse detection, worst-case statistics, the choice rule, resuming."""
+import json
+import math
+import os
+
+import pytest
+
+from benchmarks import robustness as rb
+from connect_tp.models import resnet20
+from connect_tp.pruning import layer_channels
+
+FULL = layer_channels(resnet20(num_classes=10, in_channels=1))
+
+
+def _channels(stream=(16, 32, 64), narrow=None):
+    """ResNet-20 widths with each stage's residual stream set, and ``narrow`` = {layer: out width}."""
+    out = {k: list(v) for k, v in FULL.items()}
+    for i, w in enumerate(stream, 1):
+        for k in out:
+            if k.startswith(f"layer{i}.") and (k.endswith("conv2") or "downsample" in k):
+                out[k][1] = w
+    for k, w in (narrow or {}).items():
+        out[k][1] = w
+    return out
+
+
+def _snap(**kw):
+    return {"channels": _channels(**kw), "collapsed_layers": [], "acc_raw": 10.0, "acc_bn": 12.0}
+
+
+def test_stage_widths_of_the_full_model():
+    w = rb.stage_widths(FULL)
+    assert w["stream"] == [16, 32, 64] and w["inner_min"] == [16, 32, 64]
+    assert w["min_conv"] == ["conv1", 16]  # the classifier (last layer) is not a convolution
+    narrowed = rb.stage_widths(_channels((2, 9, 20), {"layer2.1.conv1": 1}))
+    assert narrowed["stream"] == [2, 9, 20] and narrowed["min_conv"] == ["layer2.1.conv1", 1]
+
+
+def test_a_healthy_16x_snapshot_with_a_thin_first_stage_is_not_collapsed():
+    # What every criterion does at 16x: first stream at 1, a second-stage convolution at 1.
+    snap = _snap(stream=(1, 12, 20), narrow={"layer2.0.conv1": 1})
+    assert rb.collapse_reasons(snap, 16.0, finetuned_acc=82.0) == []
+
+
+@pytest.mark.parametrize("snap, target, ft, expected", [
+    (_snap(stream=(1, 12, 3)), 16.0, 80.0, "last stage's residual stream at 3 <= 4"),
+    (_snap(stream=(1, 12, 4)), 8.0, None, "last stage's residual stream at 4 <= 4"),
+    (_snap(stream=(1, 12, 18), narrow={"layer3.2.conv1": 1}), 16.0, None, "layer3.2.conv1 at 1 channel"),
+    (_snap(stream=(1, 12, 18)), 16.0, 69.9, "fine-tuned 69.9 % < 70 %"),
+    ({"unreachable": True, "reached": 12.0}, 16.0, None, "never reached 16x"),
+    (dict(_snap(), collapsed_layers=["layer3.1.conv1"]), 8.0, None, "no path through layer3.1.conv1"),
+])
+def test_each_collapse_reason(snap, target, ft, expected):
+    reasons = rb.collapse_reasons(snap, target, ft)
+    assert any(expected in r for r in reasons), reasons
+
+
+def test_the_accuracy_threshold_applies_at_16x_only_and_the_stream_threshold_is_inclusive():
+    assert rb.collapse_reasons(_snap(stream=(1, 12, 18)), 8.0, finetuned_acc=50.0) == []
+    assert rb.collapse_reasons(_snap(stream=(1, 12, 5)), 16.0, finetuned_acc=70.0) == []
+    assert rb.collapse_reasons(_snap(stream=(1, 12, 18), narrow={"layer3.2.conv1": 2}), 16.0) == []
+
+
+def test_worst_first_statistics():
+    stat = rb.worst_first([(80.0, "s3-d0"), (None, "s4-d0"), (70.0, "s5-d0"), (90.0, "s6-d0")])
+    assert stat["n"] == 3 and stat["mean"] == pytest.approx(80.0) and stat["std"] == pytest.approx(10.0)
+    assert (stat["worst"], stat["worst_at"], stat["best"]) == (70.0, "s5-d0", 90.0)
+    assert rb.worst_first([(None, "x")])["mean"] is None
+    assert rb.worst_first([(75.0, "x")])["std"] == 0.0
+
+
+def _traj(method, seed, draw, stream16=20, ft=(85.0, 80.0), unreachable=False, protocol=None):
+    snaps = {"8": _snap(stream=(2, 14, 30)), "16": _snap(stream=(1, 12, stream16))}
+    if unreachable:
+        snaps["16"] = {"unreachable": True, "reached": 12.0}
+    return {"method": method, "seed": seed, "draw": draw, "protocol": protocol or rb.PROTOCOL, "snapshots": snaps,
+            "finetuned_acc": {} if ft is None else {"8": ft[0], "16": ft[1]},
+            "environment": {"threads": 1, "accelerator": None, "torch": "x", "torch_pruning": "1.6.0",
+                            "cpus": 2, "load_avg_1min": 1.0}}
+
+
+def test_summarize_method_counts_collapses_and_names_the_worst_trajectory():
+    trajs = [_traj("m", 3, 0, ft=(85.0, 80.0)), _traj("m", 4, 0, stream16=3, ft=(84.0, 41.7)),
+             _traj("m", 5, 0, unreachable=True, ft=(83.0, 0.0))]
+    at16 = rb.summarize_method(trajs, 16.0)
+    assert at16["trajectories"] == 3 and at16["collapsed"] == 2
+    assert [c["at"] for c in at16["collapses"]] == ["s4-d0", "s5-d0"]
+    assert at16["acc_ft"]["n"] == 2  # the unreachable one has no snapshot to score
+    assert at16["acc_ft"]["worst"] == 41.7 and at16["acc_ft"]["worst_at"] == "s4-d0"
+    assert at16["acc_ft"]["mean"] == pytest.approx((80.0 + 41.7) / 2)
+    at8 = rb.summarize_method(trajs, 8.0)
+    assert at8["collapsed"] == 0 and at8["acc_ft"]["mean"] == pytest.approx(84.0)
+
+
+def _summary(trajs):
+    methods = sorted({r["method"] for r in trajs})
+    summary = {"methods": {m: {f"{t:g}": rb.summarize_method([r for r in trajs if r["method"] == m], t)
+                               for t in rb.TARGETS} for m in methods}, "paired": {}}
+    for a in methods:
+        if a != "connect":
+            summary["paired"][f"{a}|connect|acc_ft"] = rb.paired(trajs, a, "connect", "acc_ft")
+    return summary
+
+
+def test_paired_differences_match_trajectory_by_trajectory():
+    trajs = [_traj("connect", 3, 0, ft=(80.0, 70.0)), _traj("a", 3, 0, ft=(82.0, 76.0)),
+             _traj("connect", 3, 1, ft=(80.0, 80.0)), _traj("a", 4, 0, ft=(90.0, 90.0))]
+    assert rb.paired(trajs, "a", "connect", "acc_ft") == [pytest.approx(4.0)]  # only (3, 0) is in both
+
+
+def test_the_rule_disqualifies_collapses_and_keeps_the_default_within_the_spread():
+    base = [_traj("connect", s, 0, ft=(85.0, 80.0 + s % 2)) for s in range(3, 8)]
+    # "a" leads by 0.5 on average, but trajectory by trajectory the lead swings: kept.
+    noisy = [_traj("a", s, 0, ft=(85.0 + (4 if s % 2 else -3), 80.0 + s % 2)) for s in range(3, 8)]
+    rule = rb.choose_default(_summary(base + noisy), ["connect", "a"], "connect")
+    assert rule["choice"] == "connect" and "spread" in rule["reason"]
+    # "b" leads on every trajectory: it wins.
+    steady = [_traj("b", s, 0, ft=(87.0, 82.0 + s % 2)) for s in range(3, 8)]
+    assert rb.choose_default(_summary(base + steady), ["connect", "b"], "connect")["choice"] == "b"
+    # "c" is best on the mean but collapses once: it does not qualify.
+    risky = [_traj("c", s, 0, ft=(95.0, 95.0)) for s in range(3, 7)] + [_traj("c", 7, 0, stream16=2, ft=(95.0, 90.0))]
+    rule = rb.choose_default(_summary(base + risky), ["connect", "c"], "connect")
+    assert rule["choice"] == "connect" and rule["qualified"] == ["connect"]
+
+
+def test_the_rule_replaces_a_default_that_collapses_and_needs_every_trajectory():
+    bad = [_traj("connect", s, 0) for s in range(3, 7)] + [_traj("connect", 7, 0, stream16=3)]
+    good = [_traj("a", s, 0, ft=(80.0, 75.0)) for s in range(3, 8)]
+    short = [_traj("b", s, 0, ft=(99.0, 99.0)) for s in range(3, 6)]  # fewer trajectories: not judged
+    rule = rb.choose_default(_summary(bad + good + short), ["connect", "a", "b"], "connect")
+    assert rule["choice"] == "a" and "does not qualify" in rule["reason"]
+    nobody = rb.choose_default(_summary(bad), ["connect"], "connect")
+    assert nobody["choice"] is None
+
+
+def test_parse_spec_checks_method_and_variants():
+    assert rb.parse_spec("connect-k100-bngamma+refresh") == ("connect-k100-bngamma", ["refresh"])
+    with pytest.raises(ValueError, match="unknown variant \\+warp"):
+        rb.parse_spec("connect+warp")
+    with pytest.raises(ValueError, match="unknown pruning method"):
+        rb.parse_spec("l3")
+    with pytest.raises(ValueError, match="repeated"):
+        rb.parse_spec("l2+refresh+refresh")
+
+
+def _touch(path, obj=None):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(obj or {}, f)
+
+
+def test_plan_skips_finished_jobs_orders_by_draw_and_resumes_fine_tuning(tmp_path):
+    root = str(tmp_path)
+    _touch(rb.base_path(root, 3)[:-3] + ".json")
+    _touch(rb.traj_path(root, "l2", 3, 0))                       # pruned, not fine-tuned, snapshot kept
+    _touch(rb.traj_path(root, "l2", 3, 0, "16"))
+    _touch(rb.traj_path(root, "connect", 3, 0, "finetune"))      # finished
+    jobs = rb.plan(root, [3, 4], [0, 1], ["connect", "l2"], ["connect", "l2"])
+    labels = [j["label"] for j in jobs]
+    assert labels == ["base/s4",
+                      "prune/connect/s4-d0", "prune/l2/s4-d0",
+                      "prune/connect/s3-d1", "prune/connect/s4-d1", "prune/l2/s3-d1", "prune/l2/s4-d1",
+                      "finetune/l2/s3-d0"]
+    prune = jobs[1]
+    assert "--finetune" in prune["args"] and prune["done"].endswith("s4-d0-ft.json")
+    assert prune["needs"] == rb.base_path(root, 4)[:-3] + ".json"
+    # A method not fine-tuned here is done once its trajectory file exists.
+    only_prune = rb.plan(root, [3], [0], ["l2"], [])
+    assert only_prune == []
+
+
+def test_read_results_merges_fine_tuning_and_refuses_mixed_protocols(tmp_path):
+    root = str(tmp_path)
+    t = _traj("l2", 3, 0, ft=None)
+    _touch(rb.traj_path(root, "l2", 3, 0), t)
+    _touch(rb.traj_path(root, "l2", 3, 0, "finetune"), {"finetuned_acc": {"8": 84.0, "16": 79.0},
+                                                           "protocol": rb.PROTOCOL})
+    trajs, _ = rb.read_results([root])
+    assert len(trajs) == 1 and trajs[0]["finetuned_acc"] == {"8": 84.0, "16": 79.0}
+    _touch(rb.traj_path(root, "l1", 3, 0), _traj("l1", 3, 0, protocol=rb.TINY))
+    with pytest.raises(SystemExit, match="different protocols"):
+        rb.read_results([root])
+
+
+def test_summarize_writes_the_worst_case_table(tmp_path):
+    root, out = str(tmp_path / "runs"), str(tmp_path / "out")
+    _touch(os.path.join(root, "bases", "seed3.json"), {"seed": 3, "acc": 92.5, "seconds": 100.0,
+                                                        "protocol": rb.PROTOCOL})
+    for m, s16 in (("connect", 20), ("l1", 3)):
+        _touch(rb.traj_path(root, m, 3, 0), dict(_traj(m, 3, 0, stream16=s16), finetuned_acc={}))
+        _touch(rb.traj_path(root, m, 3, 0, "finetune"), {"finetuned_acc": {"8": 85.0, "16": 41.7}})
+    md = rb.summarize([root], out)
+    assert "| l1 | 1 (1 × 1) | 0 | 1 |" in md and "**41.7** (s3-d0)" in md
+    assert "- l1 at 16x, s3-d0: last stage's residual stream at 3 <= 4" in md
+    saved = json.load(open(os.path.join(out, "summary.json")))
+    assert saved["methods"]["connect"]["16"]["collapsed"] == 1  # 41.7 % after fine-tuning at 16x
+    assert math.isclose(saved["methods"]["l1"]["8"]["acc_ft"]["mean"], 85.0)
