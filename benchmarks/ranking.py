@@ -39,7 +39,7 @@ BASELINES = ("l2", "taylor", "lamp", "l1", "random", "uniform")
 RULE_TARGETS = (8.0, 16.0)
 """The rule: the kappa with the best mean fine-tuned accuracy over these targets (and over seeds)."""
 
-BN_FLOWS = ("gamma", "identity")  # "stats" is the phase-1 row itself
+BN_FLOWS = ("gamma", "identity")  # "stats" is what the kappa sweep (phase 1) already ran
 
 
 def kappa_method(kappa: float, bn_flow: Optional[str] = None) -> str:
