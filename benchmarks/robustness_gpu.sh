@@ -19,8 +19,8 @@
 set -u
 OUT=${OUT:-gpu-out}
 DEVICE=${DEVICE:-cuda}
-DEADLINE=${DEADLINE:-400}
-HARD=${HARD:-470}
+DEADLINE=${DEADLINE:-420}
+HARD=${HARD:-490}
 WORKERS=${WORKERS:-15}
 ROOT=${ROOT:-runs/robustness-gpu}
 SEEDS=${SEEDS:-3 4 5 6 7}
