@@ -11,7 +11,7 @@ peak of live tensor memory replayed from torch.profiler's allocation records; ``
 Usage:
     python -m benchmarks.importance_overhead [--repeats 7] [--n-samples 4] [--device cpu] [--chunk-size K]
 
-Targets (issue 9): step ratio <= 3, whole-iteration ratio <= 1.05, and peak extra memory of the
+Targets: step ratio <= 3, whole-iteration ratio <= 1.05, and peak extra memory of the
 step (CoNNect's peak minus Taylor's) <= 2x the model's parameter bytes, with the default
 ``n_samples``. Timings on a shared machine drift: run with ``--threads 1`` and report the load.
 """

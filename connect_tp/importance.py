@@ -51,7 +51,7 @@ from .connectivity import (BN_FLOWS, CENTRED_TOLERANCE, _EvalMode, _explained_in
 __all__ = ["ConnectImportance", "DEFAULT_BALANCE", "DEFAULT_BN_FLOW", "MAX_LAMBDA"]
 
 #: Default balance kappa of the connectivity term against the loss term (see the module docstring),
-#: picked by the ranking benchmark's pre-registered rule (best mean accuracy after one fine-tuning
+#: picked by the ranking benchmark's rule, fixed before the runs (best mean accuracy after one fine-tuning
 #: epoch at 8x and 16x, over seeds 0-2; docs/benchmarks.md, "Choosing kappa"): kappa = 100 scores
 #: 81.8 against 300 80.2, inf 78.7, 1000 78.6, 10 77.1 and Taylor 59.3, strictly inside the grid
 #: 0.3 ... 1000, inf. Its neighbours and connectivity alone are within the spread over seeds of it,

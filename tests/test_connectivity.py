@@ -225,7 +225,7 @@ def test_unsupported_output_is_an_error():
         log_connectivity(Scalar(), torch.rand(1, 2))
 
 
-# ------------------------------------------------------------------ inputs and outputs (issue 9, item 4)
+# ------------------------------------------------------------------ inputs and outputs
 def test_only_token_ids_are_random_in_dict_inputs():
     model = nn.Sequential(nn.Embedding(30, 4), nn.Linear(4, 3))
     example = {"input_ids": torch.zeros(1, 6, dtype=torch.long),

@@ -1,4 +1,4 @@
-"""An independent oracle for ConnectImportance's scores (issue 9, item 6).
+"""An independent oracle for ConnectImportance's scores.
 
 Nothing here calls connect_tp to compute an expected value: ``log phi`` is the test's own forward
 pass with absolute-valued parameters (:func:`oracle_log_phi`) or a brute-force sum over every
