@@ -377,7 +377,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         if session.run is not None:  # what is on disk, then the error as the last line
             for line in session.run.saved_report():
                 note(f"{args.command}: {line}")
-        error(_error_message(exc, args.command))
+        error(" ".join(_error_message(exc, args.command).split()))  # one line, whatever the exception held
         return EXIT_ERROR
     return EXIT_OK
 

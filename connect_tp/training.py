@@ -133,7 +133,9 @@ def load_model_checkpoint(path: str, map_location: Any = "cpu"):
         shrink_to_state_dict(model, state_dict)
         model.load_state_dict(state_dict)
     except (KeyError, TypeError, ValueError, RuntimeError, AttributeError, IndexError) as exc:
-        raise CheckpointError(f"checkpoint {path} does not fit model {name} ({type(exc).__name__}: {exc}); "
+        detail = " ".join(str(exc).split())  # torch's messages span lines; the error is one
+        detail = detail if len(detail) <= 300 else detail[:300] + " ..."
+        raise CheckpointError(f"checkpoint {path} does not fit model {name} ({type(exc).__name__}: {detail}); "
                               f"{fix}") from exc
     return model, checkpoint
 

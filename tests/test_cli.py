@@ -211,6 +211,8 @@ def _fake_base(folder, content, seed=0):
     ({"arch": "resnet20", "state_dict": {}, "best_state_dict": {}}, "holds a malformed model"),
     ({"arch": {"model": "resnet20", "num_classes": 10, "in_channels": 1}, "state_dict": {"conv1.weight": "w"}},
      "does not fit model resnet20"),
+    ({"arch": {"model": "resnet20", "num_classes": 10, "in_channels": 1}, "state_dict": {}},
+     "Missing key(s) in state_dict"),  # torch's message spans lines: still one error line
 ])
 def test_checkpoint_of_the_wrong_content_with_a_matching_sha256_is_one_error(tmp_path, capsys, content, message):
     import torch
@@ -221,7 +223,33 @@ def test_checkpoint_of_the_wrong_content_with_a_matching_sha256_is_one_error(tmp
     err = capsys.readouterr().err
     assert "Traceback" not in err and message in _last_line(err), err
     assert _last_line(err).startswith(f"error: checkpoint {out / 'base.pt'}")
+    assert [line for line in err.splitlines() if line.strip()] == [_last_line(err)], "one error line"
     assert not (out / "pruned").exists() and not (out / "results").exists()
+
+
+def test_pruned_checkpoint_that_is_a_tensor_stops_finetune_before_any_training(tmp_path, capsys):
+    import torch
+
+    from connect_tp.files import sha256_file
+
+    out = _fake_base(tmp_path / "run", torch.zeros(3))
+    base_sha = json.loads((out / "base.json").read_text())["provenance"]["output"]["sha256"]
+    os.remove(out / "base.pt")  # fine-tuning checks the pruned models against base.json's record
+    from connect_tp.models import create_model
+
+    good = {"arch": {"model": "resnet20", "num_classes": 10, "in_channels": 1},
+            "state_dict": create_model("resnet20", 10, 1).state_dict()}
+    for target, content in ((2.0, good), (4.0, torch.zeros(3))):  # the bad one comes second
+        (out / "pruned").mkdir(exist_ok=True)
+        torch.save(content, out / "pruned" / f"l2_{target:g}x.pt")
+        prune = {"stage": "prune", "config": {"preset": "smoke", "seed": 0, "method": "l2", "target_speed_up": target},
+                 "parent": {"path": "base.pt", "sha256": base_sha},
+                 "output": {"sha256": sha256_file(str(out / "pruned" / f"l2_{target:g}x.pt"))}}
+        make_run(out, [fake_result(target=target, preset="smoke", provenance={"prune": prune})])
+    assert main(["finetune", "--preset", "smoke", "--out", str(out), "--methods", "l2", "--speed-up", "2", "4"]) == 1
+    err = capsys.readouterr().err
+    assert _last_line(err).startswith(f"error: checkpoint {out / 'pruned' / 'l2_4x.pt'} holds a Tensor, not a model")
+    assert "Traceback" not in err and not (out / "finetuned").exists(), "no fine-tuning may start"
 
 
 def test_training_checkpoint_that_is_a_tensor_is_one_error(tmp_path, capsys):

@@ -49,10 +49,12 @@ def _torch_pruning_version() -> Optional[str]:
     import torch_pruning
     from importlib import metadata
 
-    try:  # some builds of the wheel lack __version__; the distribution metadata always has it
-        return getattr(torch_pruning, "__version__", None) or metadata.version("torch-pruning")
+    # The distribution's version first: a release may leave the module's __version__ unchanged
+    # (torch-pruning 1.6.1 still says 1.6.0); __version__ only where there is no metadata.
+    try:
+        return metadata.version("torch-pruning")
     except metadata.PackageNotFoundError:
-        return None
+        return getattr(torch_pruning, "__version__", None)
 
 
 def run_environment(device: Any = "cpu") -> Dict[str, Any]:
@@ -583,6 +585,9 @@ def stage_finetune(ctx: Context) -> List[Dict[str, Any]]:
             job = _Job(method, speed_up, pruned_sha, legacy)
             job.short = _plan_short(ctx, result, job)
             job.full, job.resume_ckpt = _plan_full(ctx, result, job)
+            if job.short or job.full:
+                # Its hash matched; its content must be a model too, before any fine-tuning starts.
+                load_model_checkpoint(run.pruned(method, speed_up))
             jobs.append(job)
     results = []
     for job in jobs:
