@@ -1,7 +1,7 @@
 """The ``connect-tp`` command line without training: help, argument checks, locks, errors, Ctrl-C, file modes.
 
 Each test here takes well under a few seconds: the checks it exercises happen before any model is
-trained (``tests/test_pipeline.py`` runs the stages end to end). Rows of issue 10's table covered
+trained (``tests/test_pipeline.py`` runs the stages end to end). Failure cases covered
 here: bad speed-ups, steps, samples and epochs; unwritable output folders; two writers on one
 folder; malformed result files; a full disk; Ctrl-C; the umask; tables of runs that differ.
 """
@@ -528,8 +528,11 @@ def test_plot_shows_targets_series_title_and_caveat(monkeypatch):
     assert {"connect", "l2", "fine-tuned", "pruned + BN re-estimated", "pruned", "base model"} <= labels
     fig.canvas.draw()
     axes_box = ax.get_window_extent()
-    for legend in legends:  # outside the data: to the right of the axes
-        assert legend.get_window_extent().x0 >= axes_box.x1
+    for legend in legends:  # outside the data: right of the axes, or below them
+        box = legend.get_window_extent()
+        assert box.x0 >= axes_box.x1 or box.y1 <= axes_box.y0, (box, axes_box)
+    boxes = [legend.get_window_extent() for legend in legends]
+    assert not boxes[0].overlaps(boxes[1]), "the two legends overlap"
     for row in rows:
         row["pruned_acc_bn_recalibrated"] = nan  # results without it: no such series
     table.render_plot(rows, stat(80.0), title="t")

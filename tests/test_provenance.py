@@ -1,7 +1,7 @@
 """Runs you can trust, end to end on tiny runs: fingerprints checked on resume and reuse, legacy folders.
 
 One small run (smoke preset, two cheap methods, one target, ten pruning steps) is trained, pruned and
-fine-tuned once; every test works on a copy of it. Rows of issue 10's table covered here: a prune
+fine-tuned once; every test works on a copy of it. Failure cases covered here: a prune
 over a fine-tuned folder, a retrained base under ``prune --resume`` and ``finetune --resume``,
 ``--resume --epochs`` of another length, an unreachable speed-up, a real second writer, a full disk
 during training and Ctrl-C of a real training. Folders written before fingerprints existed are
@@ -82,7 +82,7 @@ def test_resume_skips_matching_work(run, capsys):
 
 
 def test_resume_with_another_number_of_epochs_is_an_error(run, capsys):
-    # issue 10: `--resume --epochs 3` on a 6-epoch checkpoint wrote base.json "3 epochs" with 6 in its history
+    # once a bug: `--resume --epochs 3` on a 6-epoch checkpoint wrote base.json "3 epochs" with 6 in its history
     assert stage("train", run, "--resume", "--epochs", "2") == 1
     err = _last_line(capsys.readouterr().err)
     assert f"{run / 'base.json'} holds a base model" in err and "epochs=1 there, 2 here" in err
@@ -96,7 +96,7 @@ def test_resume_with_another_number_of_epochs_is_an_error(run, capsys):
 
 
 def test_prune_resume_after_retraining_the_base_is_an_error(run, capsys):
-    # issue 10: every (method, target) was skipped because the files existed
+    # once a bug: every (method, target) was skipped because the files existed
     assert stage("train", run, "--epochs", "2") == 0
     assert "removed" in capsys.readouterr().err
     assert stage("prune", run, "--resume") == 1
@@ -110,7 +110,7 @@ def test_prune_resume_after_retraining_the_base_is_an_error(run, capsys):
 
 
 def test_finetune_resume_after_retraining_and_repruning_is_an_error(run, capsys):
-    # issue 10: the old finetuned/random_2x.pt was loaded onto the new model and 0 epochs ran
+    # once a bug: the old finetuned/random_2x.pt was loaded onto the new model and 0 epochs ran
     assert stage("train", run, "--epochs", "2") == 0
     assert main(["prune"] + COMMON + ["--out", str(run), "--methods", "random", "--speed-up", "2",
                                       "--iterative-steps", "10"]) == 0
@@ -146,7 +146,7 @@ def test_table_of_a_copied_seed_folder_is_refused(run, tmp_path, capsys):
 
 
 def test_prune_over_a_finetuned_folder_keeps_result_and_model_together(run, capsys):
-    # issue 10: results/l2_2.5x.json ended with the old pruning's numbers next to the new pruned model
+    # once a bug: results/l2_2.5x.json ended with the old pruning's numbers next to the new pruned model
     assert main(["prune"] + COMMON + ["--out", str(run), "--methods", "l2", "--speed-up", "2",
                                       "--iterative-steps", "5"]) == 0
     r = read_json(str(run / "results" / "l2_2x.json"))

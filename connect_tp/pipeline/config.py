@@ -57,7 +57,7 @@ PRESETS: Dict[str, Dict[str, Any]] = {
         ft_speed_ups=[2.5, 8.0, 16.0], short_ft_steps=50,
         methods=["connect", "taylor", "l1", "l2", "lamp", "random", "uniform"],
     ),
-    # Issue 8, item 7: the same protocol on a GPU with the deeper ResNet-56 and longer fine-tuning
+    # The same protocol on a GPU with the deeper ResNet-56 and longer fine-tuning
     # (3 epochs on all 60k, LR divided by 10 for the last one).
     "ranking-resnet56": dict(
         dataset="fashion_mnist", model="resnet56", train_subset=None, test_subset=None, batch_size=128,
@@ -69,7 +69,7 @@ PRESETS: Dict[str, Dict[str, Any]] = {
     ),
     # The ranking protocol with the one fine-tuning epoch's learning rate decayed to 0 by a per-batch
     # cosine: three data orders of one pruned L2 model spread +-7.5 points at 16x with the constant
-    # rate and +-2.3 with the cosine (benchmarks/finetune_noise.py, docs/benchmarks.md).
+    # rate and +-2.3 with the cosine (benchmarks/studies/finetune_noise.py, docs/benchmarks.md).
     "smoke": dict(
         dataset="fashion_mnist", model="resnet20", train_subset=256, test_subset=128, batch_size=64,
         base_epochs=1, base_lr=0.05, base_milestones=[],
@@ -81,7 +81,7 @@ PRESETS: Dict[str, Dict[str, Any]] = {
 
 # The ranking protocol with the one fine-tuning epoch's learning rate decayed to 0 by a per-batch
 # cosine: three data orders of one pruned L2 model spread +-7.5 points at 16x with the constant rate
-# and +-2.3 with the cosine (benchmarks/finetune_noise.py, docs/benchmarks.md). As its own preset it
+# and +-2.3 with the cosine (benchmarks/studies/finetune_noise.py, docs/benchmarks.md). As its own preset it
 # has its own run folders; `--preset ranking --ft-schedule cosine` reuses a ranking seed's base model.
 PRESETS["ranking-cosine"] = dict(PRESETS["ranking"], ft_schedule="cosine")
 
@@ -243,7 +243,7 @@ def _connect_defaults(method: str, lam: Optional[float]) -> Dict[str, Any]:
     A name with a strength fixes its BatchNorm treatment too
     (:func:`connect_tp.methods.connect_options`), so only plain ``connect`` records the
     default treatment; a name without a strength (plain, or ``connect-bn<flow>``) and without
-    ``--connect-lam`` records the default balance. Both defaults moved in stop 15 (balance inf ->
+    ``--connect-lam`` records the default balance. Both defaults changed before version 0.2.0 (balance inf ->
     100, BatchNorm "stats" -> "gamma"): a folder pruned under the old ones is refused (``--force``
     redoes it), not reused.
     """
