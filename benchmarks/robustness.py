@@ -64,8 +64,24 @@ TINY = dict(PROTOCOL, epochs=1, milestones=[], train_subset=512, test_subset=256
 
 VARIANTS = {
     "refresh": "BatchNorm statistics re-estimated on the calibration images before every pruning step",
+    "held": "lambda re-derived from the current loss and connectivity masses at every step (a finite balance)",
+    "protect": "a last-channels guard: each channel's score plus -log(1 - s), s its share of the flow "
+               "through its layer (the exact loss of log phi when it goes), which grows without bound as "
+               "a layer empties",
+    "gos": "BatchNorm in phi as its linear scale |gamma| / sqrt(running_var + eps), without the shift",
+    "guard": "bn_flow='stats' with each BatchNorm's running variance floored at "
+             "GUARD_FLOOR x its layer's median, so a near-constant channel cannot dominate phi",
 }
-"""``+variant`` suffixes of a method spec and what they change."""
+"""``+variant`` suffixes of a method spec (CoNNect only) and what they change."""
+
+GUARD_FLOOR = 0.05
+"""``+guard``: the running variances are floored at this fraction of their layer's median."""
+
+PROTECT_WEIGHT = 1.0
+"""``+protect``: weight of the -log(1 - s) term, added to scores normalized to mean 1 per group."""
+
+SHARE_CEILING = 1.0 - 1e-6
+"""``+protect``: shares are clipped below 1, so the last channel of a layer gets a large finite bonus."""
 
 DEFAULT_METHODS = ["connect", "l2", "l1", "connect-k100", "connect-kinf", "connect-kinf-bngamma", "lamp",
                    "random", "taylor", "uniform", "connect+refresh", "connect-kinf-bnidentity"]
@@ -240,16 +256,86 @@ def train_base(root: str, seed: int, protocol: Dict[str, Any], data_dir: str, de
     return result
 
 
+def _variant_class(variants: Sequence[str]):
+    """A :class:`~connect_tp.importance.ConnectImportance` subclass with the scoring variants asked for."""
+    import torch
+    import torch.nn as nn
+    from connect_tp.importance import ConnectImportance
+
+    class Variant(ConnectImportance):
+        def __init__(self, **options):
+            super().__init__(**options)
+            self.variants = tuple(variants)
+            if "held" in variants and (self.balance is None or self.balance in (0.0, math.inf)):
+                raise ValueError("+held re-derives lambda from a finite, positive balance at every step; "
+                                 f"this method has balance={self.balance} (use connect-k<kappa> with 0 < kappa < inf)")
+            if "guard" in variants and self.bn_flow != "stats":
+                raise ValueError(f"+guard floors the running variances of bn_flow='stats'; this method has "
+                                 f"bn_flow={self.bn_flow!r} (name it without -bn, or with -bnstats)")
+            if "gos" in variants:
+                self.bn_flow = "gamma_over_sigma"  # the engine's linear-scale mode (no public name yet)
+            self.lam_history: List[float] = []
+
+        def _full_refresh(self, model, graph=None, resolve=True):
+            if "held" in self.variants and resolve:
+                self.lam = None  # resolved again below, from this step's masses
+            super()._full_refresh(model, graph, resolve)
+            if resolve and self.lam is not None:
+                self.lam_history.append(float(self.lam))
+
+        def _connectivity_gradients(self, model, params, graph=None):
+            if "guard" not in self.variants:
+                return super()._connectivity_gradients(model, params, graph)
+            norms = [m for m in model.modules()
+                     if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_var is not None]
+            saved = [m.running_var.detach().clone() for m in norms]
+            try:
+                with torch.no_grad():
+                    for m in norms:
+                        m.running_var.clamp_(min=GUARD_FLOOR * float(m.running_var.median()))
+                return super()._connectivity_gradients(model, params, graph)
+            finally:
+                with torch.no_grad():
+                    for m, v in zip(norms, saved):
+                        m.running_var.copy_(v)
+
+        @torch.no_grad()
+        def __call__(self, group):
+            scores = super().__call__(group)
+            if "protect" not in self.variants or scores is None or self.lam == 0 or not self._connectivity_grads:
+                return scores
+            share = torch.zeros_like(scores, dtype=torch.float64)
+            for i, (dep, idxs) in enumerate(group):
+                layer = dep.target.module
+                if not isinstance(layer, (nn.modules.conv._ConvNd, nn.Linear)):
+                    continue
+                for local in self._channel_scores(layer, dep.handler, idxs,
+                                                  lambda p: self._connectivity_grads.get(id(p))):
+                    root = torch.as_tensor(group[i].root_idxs, device=share.device)
+                    share[root] = torch.maximum(share[root], local.to(share))
+            bonus = -torch.log1p(-share.clamp(max=SHARE_CEILING))
+            return scores + PROTECT_WEIGHT * bonus.to(scores)
+
+    return Variant
+
+
 def build(spec: str, example_inputs, seed: int):
-    """The importance object and the extra :func:`progressive_prune` options of a method spec."""
+    """The importance object and the extra :func:`progressive_prune` options of a method spec.
+
+    Raises:
+        ValueError: a scoring variant on a method that is not CoNNect, or one that does not fit its options.
+    """
+    from connect_tp.pipeline.methods import connect_options, parse_method
     from connect_tp.pruning import build_importance
 
     name, variants = parse_spec(spec)
-    importance = build_importance(name, example_inputs, seed=seed)
-    options = {}
-    if "refresh" in variants:
-        options["bn_refresh_every"] = 1
-    return importance, options
+    options = {"bn_refresh_every": 1} if "refresh" in variants else {}
+    scoring = [v for v in variants if v != "refresh"]
+    if not scoring:
+        return build_importance(name, example_inputs, seed=seed), options
+    if parse_method(name)[0] != "connect":
+        raise ValueError(f"+{scoring[0]} changes CoNNect's scores; {name!r} is not a connect method")
+    return _variant_class(scoring)(example_inputs=example_inputs, **connect_options(name)), options
 
 
 def prune_trajectory(root: str, spec: str, seed: int, draw: int, protocol: Dict[str, Any], data_dir: str,
@@ -306,7 +392,8 @@ def prune_trajectory(root: str, spec: str, seed: int, draw: int, protocol: Dict[
         for t in TARGETS:
             snaps.setdefault(f"{t:g}", {"unreachable": True, "reached": exc.reached})
     lam = getattr(importance, "lam", None)
-    result = {"method": spec, "seed": seed, "draw": draw, "calibration_seed": cseed, "protocol": protocol,
+    history = getattr(importance, "lam_history", None)
+    result = {"lam_history": history[::10] if history else None,"method": spec, "seed": seed, "draw": draw, "calibration_seed": cseed, "protocol": protocol,
               "base_acc": base_json["acc"], "snapshots": snaps, "error": error,
               "connect_lam": lam if isinstance(lam, (int, float)) else None,
               "prune_seconds": time.time() - start, "prune_device": prune_device,
@@ -358,16 +445,18 @@ def plan(root: str, seeds: Sequence[int], draws: Sequence[int], methods: Sequenc
         for spec in methods:
             for s in seeds:
                 args = ["--seed", str(s), "--draw", str(d), "--method", spec]
-                pruned = os.path.exists(traj_path(root, spec, s, d))
                 tuned = spec in finetune_methods
-                if not pruned:  # a method fine-tuned here is fine-tuned by its pruning job, right after
-                    jobs.append({"label": f"prune/{spec}/s{s}-d{d}", "stage": "prune",
-                                 "args": args + (["--finetune"] if tuned else []),
-                                 "done": traj_path(root, spec, s, d, "finetune" if tuned else "prune"),
-                                 "needs": base_path(root, s)[:-3] + ".json"})
-                elif tuned and os.path.exists(traj_path(root, spec, s, d, "16")):
+                done = traj_path(root, spec, s, d, "finetune" if tuned else "prune")
+                if os.path.exists(done):
+                    continue
+                snapshots = all(os.path.exists(traj_path(root, spec, s, d, f"{t:g}")) for t in TARGETS)
+                if tuned and os.path.exists(traj_path(root, spec, s, d)) and snapshots:
                     later.append({"label": f"finetune/{spec}/s{s}-d{d}", "stage": "finetune", "args": args,
-                                  "done": traj_path(root, spec, s, d, "finetune"), "needs": None})
+                                  "done": done, "needs": None})
+                else:  # pruned again when its snapshots are gone (the loop is deterministic on a CPU)
+                    jobs.append({"label": f"prune/{spec}/s{s}-d{d}", "stage": "prune",
+                                 "args": args + (["--finetune"] if tuned else []), "done": done,
+                                 "needs": base_path(root, s)[:-3] + ".json"})
     return [j for j in jobs + later if not os.path.exists(j["done"])]
 
 

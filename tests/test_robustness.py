@@ -153,7 +153,9 @@ def test_plan_skips_finished_jobs_orders_by_draw_and_resumes_fine_tuning(tmp_pat
     root = str(tmp_path)
     _touch(rb.base_path(root, 3)[:-3] + ".json")
     _touch(rb.traj_path(root, "l2", 3, 0))                       # pruned, not fine-tuned, snapshot kept
+    _touch(rb.traj_path(root, "l2", 3, 0, "8"))
     _touch(rb.traj_path(root, "l2", 3, 0, "16"))
+    _touch(rb.traj_path(root, "l1", 3, 0))                       # pruned elsewhere: no snapshots here
     _touch(rb.traj_path(root, "connect", 3, 0, "finetune"))      # finished
     jobs = rb.plan(root, [3, 4], [0, 1], ["connect", "l2"], ["connect", "l2"])
     labels = [j["label"] for j in jobs]
@@ -165,8 +167,10 @@ def test_plan_skips_finished_jobs_orders_by_draw_and_resumes_fine_tuning(tmp_pat
     assert "--finetune" in prune["args"] and prune["done"].endswith("s4-d0-ft.json")
     assert prune["needs"] == rb.base_path(root, 4)[:-3] + ".json"
     # A method not fine-tuned here is done once its trajectory file exists.
-    only_prune = rb.plan(root, [3], [0], ["l2"], [])
-    assert only_prune == []
+    assert rb.plan(root, [3], [0], ["l2", "l1"], []) == []
+    # Fine-tuning a trajectory whose snapshots did not travel prunes it again.
+    again = rb.plan(root, [3], [0], ["l1"], ["l1"])
+    assert [j["label"] for j in again] == ["prune/l1/s3-d0"] and "--finetune" in again[0]["args"]
 
 
 def test_read_results_merges_fine_tuning_and_refuses_mixed_protocols(tmp_path):
@@ -195,3 +199,91 @@ def test_summarize_writes_the_worst_case_table(tmp_path):
     saved = json.load(open(os.path.join(out, "summary.json")))
     assert saved["methods"]["connect"]["16"]["collapsed"] == 1  # 41.7 % after fine-tuning at 16x
     assert math.isclose(saved["methods"]["l1"]["8"]["acc_ft"]["mean"], 85.0)
+
+
+def test_scoring_variants_refuse_options_that_make_no_sense():
+    import torch
+
+    example = torch.rand(1, 1, 32, 32)
+    with pytest.raises(ValueError, match="finite, positive balance"):
+        rb.build("connect-kinf+held", example, 0)
+    with pytest.raises(ValueError, match="finite, positive balance"):
+        rb.build("connect-k0+held", example, 0)
+    with pytest.raises(ValueError, match="bn_flow='gamma'"):
+        rb.build("connect+guard", example, 0)
+    with pytest.raises(ValueError, match="not a connect method"):
+        rb.build("l2+protect", example, 0)
+    imp, options = rb.build("connect-k100+gos+refresh", example, 0)
+    assert imp.bn_flow == "gamma_over_sigma" and options == {"bn_refresh_every": 1}
+
+
+def _bn_model():
+    import torch
+    import torch.nn as nn
+
+    torch.manual_seed(0)
+    model = resnet20(num_classes=10, in_channels=1).eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_var.uniform_(0.5, 2.0)
+                m.running_mean.uniform_(-0.5, 0.5)
+    return model
+
+
+def test_held_balance_re_derives_lambda_every_step_and_frozen_keeps_it():
+    import torch
+    from connect_tp.pruning import progressive_prune
+
+    x, y = torch.randn(32, 1, 32, 32), torch.randint(0, 10, (32,))
+    lams = {}
+    for spec in ("connect-k100-bngamma", "connect-k100-bngamma+held"):
+        imp, _ = rb.build(spec, x[:1], 0)
+        seen = []
+        original = imp._full_refresh
+
+        def spy(model, graph=None, resolve=True, _orig=original, _seen=seen, _imp=imp):
+            _orig(model, graph, resolve)
+            _seen.append(_imp.lam)
+        imp._full_refresh = spy
+        progressive_prune(_bn_model(), x[:1], imp, [1.5], calibration=[(x, y)], iterative_steps=20, progress=False)
+        lams[spec] = seen
+    frozen, held = lams["connect-k100-bngamma"], lams["connect-k100-bngamma+held"]
+    assert len(set(frozen)) == 1 and len(frozen) >= 3
+    assert held[0] == pytest.approx(frozen[0]) and len(set(held)) == len(held)  # a new lambda each step
+
+
+def test_guard_floors_the_variances_only_while_measuring():
+    import torch
+    import torch.nn as nn
+
+    model = _bn_model()
+    bn = model.bn1
+    with torch.no_grad():
+        bn.running_var[0] = 1e-8  # a near-constant channel
+    before = [m.running_var.clone() for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    x = torch.rand(1, 1, 32, 32)
+    plain, _ = rb.build("connect-kinf", x, 0)
+    guarded, _ = rb.build("connect-kinf+guard", x, 0)
+    grads = {}
+    for name, imp in (("plain", plain), ("guarded", guarded)):
+        params = dict(model.named_parameters())
+        g = imp._connectivity_gradients(model, params)
+        w = model.conv1.weight
+        grads[name] = (w.detach() * g[id(w)]).flatten(1).abs().sum(1)
+    after = [m.running_var for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert all(torch.equal(a, b) for a, b in zip(before, after))  # the model's statistics are untouched
+    share = {k: float(v[0] / v.sum()) for k, v in grads.items()}
+    # channel 0 carried 95 % of the first layer's flow; floored, it keeps a bounded lead (1/sigma <= 4.5x the median)
+    assert share["plain"] > 0.9 and share["guarded"] < 0.3
+
+
+def test_protect_adds_a_bonus_that_grows_as_a_layer_empties():
+    import torch
+
+    for n, bigger in ((64, False), (2, True)):
+        share = torch.full((n,), 1.0 / n, dtype=torch.float64)
+        bonus = -torch.log1p(-share.clamp(max=rb.SHARE_CEILING))
+        assert float(bonus[0]) == pytest.approx(-math.log(1 - 1 / n))
+    one = -math.log1p(-rb.SHARE_CEILING)
+    assert one > 10  # the last channel of a layer: a large, finite bonus
