@@ -40,14 +40,30 @@ ROWS: Tuple[Tuple[str, str], ...] = (
 """(method name in the result files, label in README). The first row is ``ConnectImportance()``."""
 
 
-def read(folder: str) -> List[Dict[str, Any]]:
-    """Every fine-tuned result at :data:`TARGETS` under ``folder`` (any depth), as recorded."""
+def schedule(result: Dict[str, Any]) -> str:
+    """The fine-tuning schedule a result records (a constant-rate result records none: ``"step"``)."""
+    finetune = (result.get("provenance") or {}).get("finetune") or {}
+    return (finetune.get("config") or {}).get("schedule") or "step"
+
+
+def read(folder: str, expected_schedule: str) -> List[Dict[str, Any]]:
+    """Every fine-tuned result at :data:`TARGETS` under ``folder`` (any depth), as recorded.
+
+    A result of another fine-tuning schedule, or pruned with BatchNorm re-estimated inside the loop,
+    belongs to another protocol and is refused, so a file copied into the wrong folder cannot move
+    README's numbers.
+    """
     found = []
     for path in sorted(glob.glob(os.path.join(REPO, folder, "**", "results", "*.json"), recursive=True)):
         with open(path, encoding="utf-8") as f:
             r = json.load(f)
-        if r.get("target_speed_up") in TARGETS and r.get("finetuned_acc") is not None:
-            found.append(r)
+        if r.get("target_speed_up") not in TARGETS or r.get("finetuned_acc") is None:
+            continue
+        if schedule(r) != expected_schedule or r.get("bn_refresh_every"):
+            raise SystemExit(f"error: {os.path.relpath(path, REPO)} was fine-tuned with schedule {schedule(r)!r} "
+                             f"(BatchNorm refresh every {r.get('bn_refresh_every') or 0} steps); {folder} holds "
+                             f"the {expected_schedule!r} protocol without a refresh: move the file out")
+        found.append(r)
     if not found:
         raise SystemExit(f"error: no fine-tuned results at {TARGETS} under {folder}; "
                          "run this from a checkout that has benchmarks/results/")
@@ -93,8 +109,8 @@ def conditions(results: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
 
 def table(protocol: Optional[List[Dict[str, Any]]] = None, cosine: Optional[List[Dict[str, Any]]] = None) -> str:
     """The Markdown table and its conditions line."""
-    protocol = read(PROTOCOL) if protocol is None else protocol
-    cosine = read(COSINE) if cosine is None else cosine
+    protocol = read(PROTOCOL, "step") if protocol is None else protocol
+    cosine = read(COSINE, "cosine") if cosine is None else cosine
     seeds = conditions(protocol)["seeds"]
     lines = ["| method | 8x, 1 epoch | 16x, 1 epoch | 8x, decayed-rate epoch | 16x, decayed-rate epoch |",
              "|---|---|---|---|---|"]
