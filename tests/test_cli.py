@@ -533,6 +533,16 @@ def test_plot_shows_targets_series_title_and_caveat(monkeypatch):
         assert box.x0 >= axes_box.x1 or box.y1 <= axes_box.y0, (box, axes_box)
     boxes = [legend.get_window_extent() for legend in legends]
     assert not boxes[0].overlaps(boxes[1]), "the two legends overlap"
+    # The saved image is cropped to its content: it must reach the legend on the right, not stop at the axes.
+    import struct
+
+    width_px = struct.unpack(">I", png[16:20])[0]
+    right = max(b.x1 for b in boxes)
+    assert width_px >= (right - axes_box.x0) * 120 / fig.dpi, "the PNG is cropped before the legend"
+    height_px = struct.unpack(">I", png[20:24])[0]
+    top = fig._suptitle.get_window_extent().y1
+    bottom = min([axes_box.y0] + [b.y0 for b in boxes])
+    assert height_px >= (top - bottom) * 120 / fig.dpi - 2, "the PNG is cropped below the title"
     for row in rows:
         row["pruned_acc_bn_recalibrated"] = nan  # results without it: no such series
     table.render_plot(rows, stat(80.0), title="t")

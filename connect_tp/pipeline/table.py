@@ -166,30 +166,35 @@ def check_parents(results: List[Tuple[str, Dict[str, Any]]], bases: List[Tuple[s
 
     A fingerprinted result names the SHA-256 of the ``base.pt`` it was pruned from; it must be the
     one its folder's ``base.json`` was written for, and that ``base.json`` must describe the
-    ``base.pt`` on disk (when there is one). The fine-tuning numbers in a result must come from
-    the pruned model the result describes. A result written without fingerprints (an older
-    connect-tp) is checked by the base accuracy, MACs and parameters it carries.
+    ``base.pt`` on disk (when there is one; a ``base.json`` without fingerprint is vouched for by
+    that ``base.pt``). The fine-tuning numbers in a result must come from the pruned model the
+    result describes. Every result must also carry the accuracy, MACs and parameters of that
+    ``base.json`` (all a result written without fingerprints can be checked by).
     """
     base_of = {_run_of(path): (path, b) for path, b in bases}
+    on_disk: Dict[str, Optional[str]] = {}  # run folder -> sha256 of its base.pt (None: absent)
     for path, b in bases:
-        recorded = _output_sha(b)
         ckpt = os.path.join(_run_of(path), "base.pt")
-        if recorded is not None and os.path.isfile(ckpt):
-            actual = sha256_file(ckpt)
-            if actual != recorded:
-                raise TableError(f"{ckpt} (sha256 {short_hash(actual)}) is not the model {path} was written for "
-                                 f"(sha256 {short_hash(recorded)}): a training of a new base started since; finish "
-                                 f"it (`connect-tp train --resume`) and prune again, or leave the folder out")
+        on_disk[_run_of(path)] = sha256_file(ckpt) if os.path.isfile(ckpt) else None
+        recorded = _output_sha(b)
+        actual = on_disk[_run_of(path)]
+        if recorded is not None and actual is not None and actual != recorded:
+            raise TableError(f"{ckpt} (sha256 {short_hash(actual)}) is not the model {path} was written for "
+                             f"(sha256 {short_hash(recorded)}): a training of a new base started since; finish "
+                             f"it (`connect-tp train --resume`) and prune again, or leave the folder out")
     for path, r in results:
-        base_path, base = base_of.get(_run_of(path), (os.path.join(_run_of(path), "base.json"), None))
+        run = _run_of(path)
+        base_path, base = base_of.get(run, (os.path.join(run, "base.json"), None))
         parent = _parent_sha(r, "prune")
         if parent is not None:
             if base is None:
                 raise TableError(f"{path} was pruned from the base model with sha256 {short_hash(parent)}, but "
                                  f"{base_path} is missing (a training of a new base started since?), so its base "
                                  f"accuracy cannot be shown; {_REDO}")
-            base_sha = _output_sha(base)
-            if base_sha != parent:
+            # A base.json written without fingerprint (an older connect-tp) is vouched for by its base.pt,
+            # when the folder still has it, and by the fields below in any case.
+            base_sha = _output_sha(base) or on_disk.get(run)
+            if base_sha is not None and base_sha != parent:
                 raise TableError(f"{path} was pruned from another base model (sha256 {short_hash(parent)}) than the "
                                  f"one {base_path} describes (sha256 {short_hash(base_sha)}): the base was trained "
                                  f"again after pruning; {_REDO}")
@@ -201,9 +206,9 @@ def check_parents(results: List[Tuple[str, Dict[str, Any]]], bases: List[Tuple[s
                                      f"(sha256 {short_hash(made_from)}) than the one it describes (sha256 "
                                      f"{short_hash(pruned)}); fine-tune it again (`connect-tp finetune --resume "
                                      f"--force`), or leave the folder out")
-        elif base is not None:
+        if base is not None:  # every result carries the numbers of the base it was pruned from
             for key, base_key in (("base_acc", "acc"), ("base_macs", "macs"), ("base_params", "params")):
-                if key in r and r[key] is not None and not math.isclose(float(r[key]), float(base[base_key])):
+                if r.get(key) is not None and not math.isclose(float(r[key]), float(base[base_key]), rel_tol=1e-9):
                     raise TableError(f"{path} was pruned from another base model ({key}={r[key]!r} there, "
                                      f"{base_key}={base[base_key]!r} in {base_path}); {_REDO}")
 
@@ -315,8 +320,11 @@ def render_plot(rows: List[Dict[str, Any]], base_acc: Dict[str, float], *, title
 
     fig, ax = plt.subplots(figsize=(8.5, 4.8))
     methods = sorted({r["method"] for r in rows})
+    # One colour per method: matplotlib's 10-colour cycle, or 20 colours when there are more methods.
+    palette = [f"C{i}" for i in range(10)] if len(methods) <= 10 else list(plt.get_cmap("tab20").colors)
+    colour = {m: palette[i % len(palette)] for i, m in enumerate(methods)}
     used = []
-    for i, method in enumerate(methods):
+    for method in methods:
         rs = sorted((r for r in rows if r["method"] == method), key=lambda r: r["target_speed_up"])
         x = [r["speed_up"]["mean"] for r in rs]
         for key, line, marker, label in _SERIES:
@@ -326,7 +334,7 @@ def render_plot(rows: List[Dict[str, Any]], base_acc: Dict[str, float], *, title
             if label not in used:
                 used.append(label)
             ax.errorbar(x, y, yerr=[0.0 if math.isnan(r[key]["std"]) else r[key]["std"] for r in rs], ls=line,
-                        marker=marker, color=f"C{i}", capsize=3, ms=5, lw=1.3)
+                        marker=marker, color=colour[method], capsize=3, ms=5, lw=1.3)
     if base_acc["n"]:
         ax.axhline(base_acc["mean"], color="gray", lw=0.8, ls="-.")
     targets = sorted({float(r["target_speed_up"]) for r in rows})
@@ -340,16 +348,17 @@ def render_plot(rows: List[Dict[str, Any]], base_acc: Dict[str, float], *, title
     ax.set_ylabel("test accuracy (%)")
     ax.grid(alpha=0.3)
     # Two legends outside the axes: colours name the methods, line styles the series.
-    method_handles = [Line2D([], [], color=f"C{i}", lw=3, label=m) for i, m in enumerate(methods)]
+    method_handles = [Line2D([], [], color=colour[m], lw=3, label=m) for m in methods]
     style = {label: (line, marker) for _, line, marker, label in _SERIES}
     series_handles = [Line2D([], [], color="black", ls=style[s][0], marker=style[s][1], label=s) for s in used]
     if base_acc["n"]:
         series_handles.append(Line2D([], [], color="gray", lw=0.8, ls="-.", label="base model"))
+    # Methods to the right (two columns when there are many), series below the x label: neither covers data.
     first = ax.legend(handles=method_handles, title="method", fontsize=8, title_fontsize=8, loc="upper left",
-                      bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
+                      bbox_to_anchor=(1.02, 1.0), borderaxespad=0, ncol=1 if len(methods) <= 12 else 2)
     ax.add_artist(first)
-    ax.legend(handles=series_handles, title="accuracy", fontsize=8, title_fontsize=8, loc="lower left",
-              bbox_to_anchor=(1.02, 0.0), borderaxespad=0)
+    second = ax.legend(handles=series_handles, title="accuracy", fontsize=8, title_fontsize=8, loc="upper center",
+              bbox_to_anchor=(0.5, -0.16), borderaxespad=0, ncol=len(series_handles))
     if caveat:
         fig.suptitle(title, fontsize=11, y=0.985)
         ax.set_title("\n".join(textwrap.wrap(f"Caveat: {caveat}.", 110)), fontsize=7.5, color="firebrick", loc="left")
@@ -358,7 +367,10 @@ def render_plot(rows: List[Dict[str, Any]], base_acc: Dict[str, float], *, title
     fig.tight_layout()
     buffer = io.BytesIO()
     try:
-        fig.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
+        # A legend added with add_artist is not in the tight box unless named; naming it replaces the
+        # default list (suptitle, the other legend), so that list is passed too.
+        fig.savefig(buffer, format="png", dpi=120, bbox_inches="tight",
+                    bbox_extra_artists=[*fig.get_default_bbox_extra_artists(), first, second])
     finally:
         plt.close(fig)
     return buffer.getvalue()
