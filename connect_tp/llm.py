@@ -77,6 +77,8 @@ __all__ = [
     "calibration_batches",
     "count_linear_macs",
     "decoder_layers",
+    "FAMILIES",
+    "model_family",
     "group_ratio_for_param_ratio",
     "layer_shapes",
     "llm_pruner_layers",
@@ -85,6 +87,7 @@ __all__ = [
     "peak_memory_mib",
     "perplexity",
     "save_pruned",
+    "sync_layer_attributes",
     "tokenize",
 ]
 
@@ -469,7 +472,7 @@ def _plain_config_fits(model: nn.Module, updates: Dict[str, Any]) -> bool:
     return want == have
 
 
-def _sync_layer_attributes(model: nn.Module) -> None:
+def sync_layer_attributes(model: nn.Module) -> None:
     """Make modules and config describe the weights after pruning (heads, key/value groups, MLP width).
 
     The attention forwards infer most sizes from the projections; what they read from attributes
@@ -479,6 +482,9 @@ def _sync_layer_attributes(model: nn.Module) -> None:
     the config is updated and the model saves as the plain architecture; otherwise the config keeps
     describing the unpruned layers and the per-layer truth goes to ``config.connect_tp_layer_shapes``
     (and, for :func:`save_pruned`'s modeling file, ``config.connect_tp_layer_modules``).
+
+    :meth:`LLMBlockPruner.step`, :func:`save_pruned` and :func:`load_pruned` call it; call it
+    yourself after pruning a supported model another way (Torch-Pruning's ``MetaPruner``, docs/llm.md).
     """
     family = model_family(model)
     layers = model.get_submodule(family.layers)
@@ -517,6 +523,9 @@ def _sync_layer_attributes(model: nn.Module) -> None:
     if not plain:
         setattr(config, LAYER_SHAPES_KEY, [asdict(s) for s in shapes])
         setattr(config, LAYER_MODULES_KEY, {"layers": family.layers, "attention": family.attn, "specs": specs})
+
+
+_sync_layer_attributes = sync_layer_attributes  # what step() and save/load call (a benchmark replaces it)
 
 
 def _submodule_has(layer: nn.Module, path: str) -> bool:
