@@ -252,6 +252,17 @@ def test_pruned_checkpoint_that_is_a_tensor_stops_finetune_before_any_training(t
     assert "Traceback" not in err and not (out / "finetuned").exists(), "no fine-tuning may start"
 
 
+def test_missing_dataset_stops_train_before_the_old_base_is_removed(tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "base.json").write_text("{}")
+    (out / "base.pt").write_bytes(b"the previous base model")
+    assert main(["train", "--preset", "paper-resnet56", "--out", str(out), "--data-dir", str(tmp_path / "none")]) == 1
+    err = capsys.readouterr().err
+    assert "cifar" in _last_line(err).lower() and "Traceback" not in err
+    assert (out / "base.json").exists() and (out / "base.pt").read_bytes() == b"the previous base model"
+
+
 def test_training_checkpoint_that_is_a_tensor_is_one_error(tmp_path, capsys):
     import torch
 

@@ -228,6 +228,8 @@ def stage_train(ctx: Context) -> Dict[str, Any]:
                 ctx.log(f"train: resuming {run.base_ckpt} after epoch {ckpt['epoch'] + 1} of {cfg['base_epochs']}")
     else:
         resume_ckpt = False
+    # The data first: a dataset that cannot be read must stop the command before the old base is removed.
+    train_set, test_set, _ = ctx.data()
     if not resume_ckpt and ctx.dist.is_main:
         for path in (run.base_json, run.base_ckpt):
             if os.path.isfile(path):
@@ -235,7 +237,6 @@ def stage_train(ctx: Context) -> Dict[str, Any]:
                 ctx.note(f"note: removed {path} of the previous base model (training a new one; pruned models "
                          f"of the old base will be refused until pruned again)")
     ctx.dist.barrier()
-    train_set, test_set, _ = ctx.data()
     set_seed(cfg["seed"])
     model = create_model(cfg["model"], ctx.arch["num_classes"], ctx.arch["in_channels"])
     run.record_partial(run.base_ckpt, ckpt["epoch"] + 1 if resume_ckpt else 0, cfg["base_epochs"])
