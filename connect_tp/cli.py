@@ -3,9 +3,11 @@
 This module builds the command line and runs one command. It imports nothing heavy at module
 level (torch, Torch-Pruning and the stages are imported when a command runs), so ``connect-tp
 --help`` answers at once. Every argument is checked, and the output folder created and tested
-for writing, before any work starts; every writing command holds the folder's lock. Failures end
+for writing, before any work starts (method names and their numbers, the device, the contents of
+every checkpoint a stage will load); every writing command holds the folder's lock. Failures end
 in one ``error: ...`` line; exit codes are 0 (done), 1 (error) and 130 (interrupted, with what
-was saved and the ``--resume`` command to continue).
+was saved and the ``--resume`` command to continue). ``table`` refuses what it cannot vouch for
+(:mod:`connect_tp.pipeline.table`).
 
 Commands (``connect-tp COMMAND --help`` shows each one's options and an example)::
 
@@ -126,8 +128,10 @@ _DESCRIPTIONS = {
              "speed-up target: OUT/pruned/<method>_<x>x.pt and OUT/results/<method>_<x>x.json.",
     "finetune": "Fine-tune every pruned model (and, for presets that have one, a short fixed budget); the "
                 "accuracies are added to OUT/results/<method>_<x>x.json, checkpoints go to OUT/finetuned/.",
-    "table": "Average the results of run folders (seeds of one configuration) into table.md, table.json and "
-             "plot.png.",
+    "table": "Average the results of run folders (seeds of one configuration) into table.md, table.json and\n"
+             "plot.png. Refused, with both files named: runs that differ in more than the seed, a folder or a\n"
+             "seed given twice, and results pruned from another base model than the one in their folder.\n"
+             "A demo preset's table and plot say that it cannot rank methods.",
     "run": "train, prune, finetune and table for one seed (the table goes to OUT/table/).",
 }
 
