@@ -18,6 +18,7 @@ import pytest
 
 from connect_tp.cli import build_parser, main
 from connect_tp.pipeline.lock import LOCK_NAME, LockError, RunLock
+from patience import patience
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO)
@@ -25,7 +26,7 @@ ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO)
 
 def _cli(*args, **kwargs):
     return subprocess.run([sys.executable, "-m", "connect_tp.cli", *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=120, env=ENV, **kwargs)
+                          timeout=patience(120), env=ENV, **kwargs)
 
 
 def _last_line(text):
@@ -38,7 +39,8 @@ def test_parser_and_help_import_no_torch():
             "assert main(['prune', '--help']) == 0; "
             "heavy = [m for m in ('torch', 'torch_pruning', 'torchvision', 'connect_tp.pipeline.stages') "
             "if m in sys.modules]; assert not heavy, heavy")
-    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60, env=ENV)
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=patience(60),
+                          env=ENV)
     assert done.returncode == 0, done.stderr
 
 
@@ -47,7 +49,7 @@ def test_help_answers_fast():
     done = _cli("--help")
     elapsed = time.perf_counter() - start
     assert done.returncode == 0 and "train" in done.stdout and "finetune" in done.stdout
-    assert elapsed < 3.0, f"connect-tp --help took {elapsed:.1f} s"
+    assert elapsed < patience(3.0), f"connect-tp --help took {elapsed:.1f} s"
 
 
 @pytest.mark.parametrize("command, present, absent", [
@@ -332,7 +334,7 @@ def test_second_writer_is_refused_at_once(holder, capsys):
     folder, proc = holder
     start = time.perf_counter()
     assert main(["train", "--preset", "smoke", "--out", str(folder)]) == 1
-    assert time.perf_counter() - start < 5
+    assert time.perf_counter() - start < patience(5)
     err = capsys.readouterr().err
     assert f"pid {proc.pid}" in err and f"connect-tp train --out {folder}" in err and "in use" in err
     assert os.listdir(folder) == [LOCK_NAME], "the refused writer must not touch the folder"
@@ -606,7 +608,7 @@ def test_checkpoint_on_a_full_disk_is_an_oserror_naming_the_file(tmp_path):
             "try:\n    atomic_save({'w': torch.zeros(100000)}, sys.argv[1])\n"
             "except OSError as exc:\n    print(exc.filename, exc.strerror)\n")
     path = tmp_path / "big.pt"
-    done = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=120,
+    done = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=patience(120),
                           env=ENV, preexec_fn=_limit_file_size(4096))
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith(f"{path} cannot write this file")

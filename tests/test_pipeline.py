@@ -16,6 +16,7 @@ import pytest
 from connect_tp.cli import main
 from connect_tp.data import DEBIAN_FASHION_MNIST_DIR
 from connect_tp.training import load_checkpoint, read_json
+from patience import patience
 
 pytestmark = [
     pytest.mark.slow,
@@ -118,15 +119,16 @@ def test_killed_finetune_resumes_from_last_epoch(run_dir, tmp_path):
     ckpt = out / "finetuned" / "l2_2.5x.pt"
     proc = subprocess.Popen(_cli(*args), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.time() + 120
-        while not (ckpt.exists() and load_checkpoint(str(ckpt))["epoch"] >= 1) and time.time() < deadline:
+        deadline = time.time() + patience(120)  # a safety net: the loop waits for the checkpoint of epoch 2
+        while not (ckpt.exists() and load_checkpoint(str(ckpt))["epoch"] >= 1) and time.time() < deadline \
+                and proc.poll() is None:
             time.sleep(0.2)
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
     killed_at = load_checkpoint(str(ckpt))["epoch"]
     assert 1 <= killed_at < 9, "the run must be killed in the middle of fine-tuning"
-    done = subprocess.run(_cli(*args, "--resume"), cwd=REPO, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(_cli(*args, "--resume"), cwd=REPO, capture_output=True, text=True, timeout=patience(300))
     assert done.returncode == 0, done.stderr
     result = read_json(str(out / "results" / "l2_2.5x.json"))
     epochs = [h["epoch"] for h in result["finetune_history"]]
@@ -149,7 +151,7 @@ def test_torchrun_finetune_with_gloo(run_dir, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
            "-m", "benchmarks.cifar_pruning", "finetune"] + SMOKE + ["--out", str(out), "--methods", "l2",
                                                                       "--speed-up", "8"]
-    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=patience(300),
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
     result = read_json(str(out / "results" / "l2_8x.json"))

@@ -24,6 +24,7 @@ from connect_tp.cli import main
 from connect_tp.data import DEBIAN_FASHION_MNIST_DIR
 from connect_tp.pipeline.files import load_checkpoint, read_json, sha256_file
 from connect_tp.pipeline.lock import LOCK_NAME
+from patience import patience
 
 pytestmark = [
     pytest.mark.slow,
@@ -160,7 +161,7 @@ def test_second_writer_during_a_real_finetune_is_refused(run, capsys):
         "--ft-epochs", "50"]
     proc = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.time() + _patience(120)
+        deadline = time.time() + patience(120)
         while not (run / LOCK_NAME).exists() and time.time() < deadline and proc.poll() is None:
             time.sleep(0.1)
         assert (run / LOCK_NAME).exists(), "the fine-tuning never took the lock"
@@ -237,17 +238,11 @@ def _limit_file_size(limit):
 def test_full_disk_during_training_is_one_error_naming_the_checkpoint(tmp_path):
     out = tmp_path / "run"
     done = subprocess.run([sys.executable, "-m", "connect_tp.cli", "train"] + COMMON + ["--out", str(out)],
-                          cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300,
+                          cwd=REPO, env=ENV, capture_output=True, text=True, timeout=patience(300),
                           preexec_fn=_limit_file_size(512 * 1024))
     assert done.returncode == 1
     assert _last_line(done.stderr).startswith(f"error: {out / 'base.pt'}: cannot write this file (File too large)")
     assert "Traceback" not in done.stderr and not (out / "base.json").exists()
-
-
-def _patience(seconds):
-    """``seconds`` on an idle machine, stretched by the load: a safety net, never the condition waited for."""
-    load = os.getloadavg()[0] / (os.cpu_count() or 1) if hasattr(os, "getloadavg") else 1.0
-    return seconds * max(1.0, load)
 
 
 def _wait_for_line(proc, text):
@@ -266,7 +261,7 @@ def _wait_for_line(proc, text):
         found.set()  # the process ended first: the caller sees it by proc.poll()
 
     threading.Thread(target=read, daemon=True).start()
-    assert found.wait(_patience(900)), f"no line with {text!r} yet; output so far: {''.join(seen)[-2000:]}"
+    assert found.wait(patience(900)), f"no line with {text!r} yet; output so far: {''.join(seen)[-2000:]}"
     return seen
 
 
@@ -280,7 +275,7 @@ def test_ctrl_c_of_a_real_training(tmp_path):
         _wait_for_line(proc, "train: epoch 1/40")
         assert proc.poll() is None, proc.stderr.read()[-2000:]
         proc.send_signal(signal.SIGINT)
-        stdout, stderr = proc.communicate(timeout=_patience(300))
+        stdout, stderr = proc.communicate(timeout=patience(300))
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -9,6 +9,7 @@ from connect_tp.models import resnet20
 from connect_tp.pruning import (PRUNING_METHODS, UnreachableSpeedUp, build_importance, calibration_gradients,
                                 count_macs_and_params, layer_channels, layer_report, parse_method, progressive_prune,
                                 recalibrate_batchnorm)
+from patience import patience
 
 EXAMPLE = torch.rand(1, 1, 32, 32)
 
@@ -172,7 +173,7 @@ def test_method_names_parse_without_torch_pruning():
     code = ("import sys; from connect_tp.pipeline.methods import parse_method; "
             "assert parse_method('connect-k3-bngamma') == ('connect', {'balance': 3.0, 'bn_flow': 'gamma'}); "
             "assert 'torch_pruning' not in sys.modules")
-    assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0
+    assert subprocess.run([sys.executable, "-c", code], timeout=patience(60)).returncode == 0
     assert parse_method("l2") == ("l2", {})
 
 
