@@ -11,7 +11,8 @@ draws per base, and reports per criterion the mean, the worst trajectory and the
     # tables: benchmarks/results/robustness/{summary.json,table.md}
     python -m benchmarks.robustness summarize runs/robustness --output benchmarks/results/robustness
 
-Protocol (the ``ranking-cosine`` preset's recipe; docs/benchmarks.md, "The robustness benchmark"):
+Protocol (the ``ranking-cosine`` preset's recipe; docs/benchmarks.md, "Does the default collapse on base
+models it was not chosen on?"):
 
 - base model: ResNet-20 on all 60k Fashion-MNIST training images, 8 epochs (SGD 0.1, x0.1 at 4, 6);
 - pruning: Torch-Pruning's 400-step global loop, the classifier ignored, snapshots at 8x and 16x;
@@ -104,6 +105,21 @@ def parse_spec(spec: str) -> Tuple[str, List[str]]:
     if len(set(variants)) != len(variants):
         raise ValueError(f"variant repeated in {spec!r}")
     return name, variants
+
+
+def uses_calibration(spec: str) -> bool:
+    """Whether a method's pruning loop runs the calibration images through the model at every step
+    (loss gradients, or the BatchNorm refresh): the part of the loop a GPU speeds up."""
+    from connect_tp.importance import DEFAULT_BALANCE
+    from connect_tp.pipeline.methods import parse_method
+
+    name, variants = parse_spec(spec)
+    criterion, options = parse_method(name)
+    if "refresh" in variants or criterion == "taylor":
+        return True
+    if criterion != "connect":
+        return False
+    return "lam" in options or options.get("balance", DEFAULT_BALANCE) != math.inf
 
 
 def calibration_seed(seed: int, draw: int) -> int:
@@ -482,7 +498,12 @@ def run(args) -> int:
     def launch(job) -> None:
         threads = base_threads if job["stage"] == "train" else 1
         argv = [sys.executable, "-m", "benchmarks.robustness", job["stage"], *job["args"], *common,
-                "--threads", str(threads)] + (["--prune-device", args.prune_device] if job["stage"] == "prune" else [])
+                "--threads", str(threads)]
+        if job["stage"] == "prune":
+            where = args.prune_device
+            if where == "auto":  # the per-step calibration passes on the GPU, data-free loops on a core each
+                where = args.device if uses_calibration(job["args"][job["args"].index("--method") + 1]) else "cpu"
+            argv += ["--prune-device", where]
         log = open(os.path.join(logs, job["label"].replace("/", "_") + ".log"), "a")
         log.write("$ " + " ".join(argv) + "\n")
         log.flush()
@@ -745,7 +766,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--methods", nargs="+", default=DEFAULT_METHODS)
     p.add_argument("--finetune", nargs="*", default=[], metavar="METHOD",
                    help="methods whose trajectories get the fine-tuning epoch (right after pruning)")
-    p.add_argument("--prune-device", default="cpu", help="where the pruning loops run (evaluation: --device)")
+    p.add_argument("--prune-device", default="cpu", help="where the pruning loops run (evaluation and "
+                   "fine-tuning: --device); auto: --device for the methods that pass the calibration images "
+                   "through the model at every step, the CPU for the others")
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--deadline", type=float, default=None, help="seconds from now: no job starts after it")
     p.add_argument("--hard-deadline", type=float, default=None, help="seconds from now: running jobs are "

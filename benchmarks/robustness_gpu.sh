@@ -7,15 +7,17 @@
 #   OUT=$OUT bash benchmarks/robustness_gpu.sh      # results in $OUT (or ./gpu-out): robustness.tgz, logs
 #
 # New base models (seeds 3-7, trained side by side on the GPU), then pruning trajectories (every
-# method on calibration draw 0 of every base before draw 1), one
-# worker process per trajectory, each on one CPU thread (the 400-step loop is small Python steps,
-# faster on a core of its own than time-sliced on the GPU), evaluated and fine-tuned on the GPU.
+# method on calibration draw 0 of every base before draw 1), one worker process per trajectory with
+# one CPU thread. The loops that pass 256 calibration images through the model at every step (loss
+# gradients, BatchNorm refresh) run on the GPU, where that pass is cheap; the data-free ones on their
+# CPU core (small Python steps, slower when time-sliced on the GPU). Evaluation and fine-tuning: GPU.
 # No job starts after DEADLINE seconds or when it could not end by HARD (killed then); what finished
 # is packed, with the base models, and packed every minute too. The same command continues a
 # root unpacked from an earlier call's robustness.tgz (finished jobs are skipped).
 #
 # Settings (environment): SEEDS, DRAWS, METHODS, FINETUNE (methods fine-tuned right after pruning),
-# WORKERS, DEADLINE, HARD, ROOT, DEVICE; TINY=1 for a smoke test of the script on a CPU.
+# WORKERS, DEADLINE, HARD, ROOT, DEVICE, PRUNE_DEVICE (auto, cpu or cuda); TINY=1 for a smoke test
+# of the script on a CPU.
 set -u
 OUT=${OUT:-gpu-out}
 DEVICE=${DEVICE:-cuda}
@@ -53,7 +55,7 @@ pack() {  # what has finished: every JSON, the base models and the logs (no prun
 }
 ( while sleep 60; do pack "$OUT/partial.tgz"; done ) &
 PACKER=$!
-python3 -m benchmarks.robustness run --root "$ROOT" --device "$DEVICE" --prune-device cpu --data-dir "$DATA" \
+python3 -m benchmarks.robustness run --root "$ROOT" --device "$DEVICE" --prune-device "${PRUNE_DEVICE:-auto}" --data-dir "$DATA" \
   --seeds $SEEDS --draws $DRAWS --methods $METHODS --finetune $FINETUNE --workers "$WORKERS" \
   --deadline "$DEADLINE" --hard-deadline "$HARD" $EXTRA 2>&1 | tee "$OUT/driver.log"
 kill $PACKER 2>/dev/null
