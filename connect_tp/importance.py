@@ -829,7 +829,8 @@ class ConnectImportance(tp.importance.TaylorImportance):
         self.used_mean_sample = False
         if n > 1 and isinstance(samples, torch.Tensor) and samples.is_floating_point():
             # the draws are uniform on [0, 1): a graph whose ReLUs only see non-negative flows needs no test pass
-            affine = engine.affine_by_signs(model, self.bn_flow) and bool(samples.min() >= 0)
+            with _EvalMode(model):  # the graph of the eval-mode trace, the one the pass runs
+                affine = engine.affine_by_signs(model, self.bn_flow) and bool(samples.min() >= 0)
             if not affine:
                 try:
                     with _EvalMode(model), _explained_input_errors(samples):

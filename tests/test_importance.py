@@ -1,5 +1,6 @@
 """ConnectImportance: Taylor equivalence, connectivity effect, Torch-Pruning integration, errors."""
 import math
+import operator
 import warnings
 
 import pytest
@@ -290,34 +291,46 @@ def test_pruning_a_module_that_reads_its_attributes_retraces():
 
 
 class Heads(nn.Module):
+    """A traced (not ``torch.nn``) module whose graph bakes in an attribute and a buffer's size."""
+
     def __init__(self):
         super().__init__()
         self.fc = nn.Linear(8, 8)
+        self.bn = nn.BatchNorm1d(8)
         self.heads = 2
+        self.register_buffer("keep", torch.ones(6))
 
     def forward(self, x):
-        return self.fc(x).reshape(x.shape[0], self.heads, -1).sum(1)
+        x = self.bn(self.fc(x))[:, : self.keep.shape[0]]
+        return x.reshape(x.shape[0], self.heads, -1).sum(1)
 
 
-def test_trace_is_keyed_by_attributes_and_shapes():
+def test_trace_is_keyed_by_what_it_bakes_in():
     from connect_tp import engine
 
-    def reshapes(graph):
-        return [n.args[2] for n in graph.nodes if n.target == "reshape"]  # (x, batch, heads, -1)
+    def constants(graph):  # (heads, kept width): reshape(x, batch, heads, -1) and the slice's stop
+        reshape = next(n for n in graph.nodes if n.target == "reshape")
+        getitem = next(n for n in graph.nodes if n.target is operator.getitem and isinstance(n.args[1], tuple))
+        return reshape.args[2], getitem.args[1][1].stop
 
     model = Heads()
     first = engine.traced_graph(model)
     assert engine.traced_graph(model) is first  # cached
-    assert reshapes(first) == [2]
-    model.heads = 4  # an attribute the forward reads, no parameter changed
-    assert reshapes(engine.traced_graph(model)) == [4]
+    assert constants(first) == (2, 6)
+    model.heads = 3  # an attribute the forward reads, no parameter changed
+    assert constants(engine.traced_graph(model)) == (3, 6)
     model.heads = 2
     assert engine.traced_graph(model) is first  # the last two traces are kept
-    model.fc = nn.Linear(8, 8)  # same shapes, new parameters: the trace stays valid
+    model.keep = torch.ones(4)  # a buffer's shape
+    assert constants(engine.traced_graph(model)) == (2, 4)
+    model.keep = torch.ones(6)
     assert engine.traced_graph(model) is first
-    with torch.no_grad():
-        model.fc.weight = nn.Parameter(torch.zeros(4, 8))
-    assert engine.traced_graph(model) is not first  # a parameter shape changed
+    # what the pass reads afresh keeps the trace: parameter shapes (get_attr nodes), leaf modules' state
+    model.fc = nn.Linear(8, 8)
+    model.fc.weight = nn.Parameter(torch.zeros(4, 8))
+    model.bn.running_mean = torch.zeros(3)
+    model.bn.eps = 0.5
+    assert engine.traced_graph(model) is first
 
 
 # ------------------------------------------------------------------ the recorded input

@@ -1,8 +1,8 @@
 """Tracing and convolution-BatchNorm folding for the engine's pass.
 
 :func:`traced_graph` / ``_trace``: the cached ``torch.fx`` trace of a model (``torch.nn``'s own
-leaf modules; re-traced whenever a module, a plain attribute a ``forward`` reads, or a parameter
-or buffer shape changed) with the eval BatchNorms that alone read a convolution
+leaf modules; re-traced whenever a module, or a plain attribute or buffer shape that a traced
+``forward`` reads, changed) with the eval BatchNorms that alone read a convolution
 (``_conv_batchnorm_pairs``); ``_AbsFoldedConv``: such a convolution run with ``|W| * scale``
 rebuilt in the backward. Uses torch and ``torch.fx``.
 """
@@ -42,20 +42,36 @@ _OPAQUE = object()
 def _signature(model: nn.Module) -> tuple:
     """Everything that shapes the trace of ``model``, so a cached trace is never stale.
 
-    ``torch.fx`` runs the ``forward`` of every module that is not ``torch.nn``'s own and bakes the
-    plain attributes it reads into the graph as constants (``LayerNorm2d.normalized_shape``, an
-    attention's ``num_heads`` and ``head_dim``); pruning in place changes those attributes together
-    with the parameter shapes. The signature therefore holds, per module: its name and type, every
-    attribute of a plain type (numbers, strings, flags, dtypes, tuples of them; ``training``
-    included, as a ``forward`` may branch on it), and the shape, dtype and presence of every
-    parameter and buffer. Computing it costs a walk over the modules, far less than a trace.
+    ``torch.fx`` records a module that is not ``torch.nn``'s own by running its ``forward``, and
+    bakes into the graph as constants the plain attributes that forward reads
+    (``LayerNorm2d.normalized_shape``, an attention's ``num_heads`` and ``head_dim``) and the
+    shapes of its buffers and plain tensor attributes; its parameters become ``get_attr`` nodes
+    whose shapes are read when the graph runs. Pruning in place changes those attributes and
+    shapes. The signature therefore holds, per traced module: its name and type, every attribute
+    of a plain type (numbers, strings, flags, dtypes, tuples of them; ``training`` included, as a
+    ``forward`` may branch on it), the shape and dtype of every buffer and plain tensor
+    attribute, and which parameters exist. A leaf module (``torch.nn``'s own) is one
+    ``call_module`` node whose state the pass reads afresh, so only its type and which buffers it
+    has count (the BatchNorm folding needs running statistics). Pruning a ResNet therefore keeps
+    its trace, while pruning a ConvNeXt's ``LayerNorm2d`` re-traces it.
     """
+    tracer = fx.Tracer()
     parts = []
     for name, m in model.named_modules():
-        attrs = tuple((k, v) for k, v in ((k, _plain(v)) for k, v in vars(m).items()) if v is not _OPAQUE)
-        tensors = tuple((k, None if t is None else (tuple(t.shape), t.dtype))
-                        for k, t in list(m._parameters.items()) + list(m._buffers.items()))
-        parts.append((name, type(m), attrs, tensors))
+        if m is not model and tracer.is_leaf_module(m, name):
+            parts.append((name, type(m), tuple(k for k, b in m._buffers.items() if b is not None)))
+            continue
+        attrs = []
+        for key, value in vars(m).items():
+            if isinstance(value, torch.Tensor):
+                attrs.append((key, tuple(value.shape), value.dtype))
+            else:
+                value = _plain(value)
+                if value is not _OPAQUE:
+                    attrs.append((key, value))
+        buffers = tuple((k, None if b is None else (tuple(b.shape), b.dtype)) for k, b in m._buffers.items())
+        params = tuple((k, p is None) for k, p in m._parameters.items())
+        parts.append((name, type(m), tuple(attrs), buffers, params))
     return tuple(parts)
 
 
@@ -100,9 +116,10 @@ def traced_graph(model: nn.Module) -> Optional[fx.Graph]:
     """The ``torch.fx`` graph of ``model``, or ``None`` when ``torch.fx`` cannot trace it.
 
     Leaf modules are ``torch.nn``'s own, as in ``torch.fx.symbolic_trace``. The graph is cached
-    under the model's :func:`_signature` (modules, their plain attributes, and parameter and
-    buffer shapes), so pruning in place, which changes shapes and attributes such as
-    ``normalized_shape``, gives a fresh trace; the pass reads every parameter's values afresh.
+    under the model's :func:`_signature` (modules, and what the trace bakes in: plain attributes
+    and buffer shapes of the modules it runs through), so pruning in place, which changes
+    attributes such as ``normalized_shape``, gives a fresh trace; the pass reads every leaf
+    module and parameter afresh.
     """
     return _trace(model)[0]
 
