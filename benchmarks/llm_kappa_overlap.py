@@ -10,7 +10,8 @@ Writes ``<out-dir>/<tag>.json`` and ``<tag>.md``.
 On the tiny LLaMA of ``benchmarks.llm_tiny_lm`` (one thread, a few minutes):
     python -m benchmarks.llm_tiny_lm --text /usr/share/vim/vim90/doc/usr_*.txt --out /tmp/tiny-llama \
         --steps 300 --batch-size 8 --hidden-size 128 --intermediate-size 344 --layers 6
-    python -m benchmarks.llm_kappa_overlap --model /tmp/tiny-llama --balance 0.1 1 3 10 100 inf
+    python -m benchmarks.llm_kappa_overlap --model /tmp/tiny-llama --balance 0.1 1 3 10 100 inf \
+        --keep-first 1 --keep-last 1 --param-ratios 0.2 0.35
 """
 from __future__ import annotations
 
@@ -39,6 +40,8 @@ def parse_args(argv=None):
     p.add_argument("--balance", nargs="+", type=float, default=[1.0, 10.0, math.inf],
                    help="kappa values of ConnectImportance ('inf': connectivity alone)")
     p.add_argument("--param-ratios", nargs="+", type=float, default=[0.2, 0.4])
+    p.add_argument("--keep-first", type=int, default=None, help="default: llm.llm_pruner_layers for the depth")
+    p.add_argument("--keep-last", type=int, default=None)
     p.add_argument("--n-calib", type=int, default=10)
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--max-eval-windows", type=int, default=64)
@@ -103,7 +106,7 @@ def main(argv=None) -> int:
     eval_ids = llm.tokenize(tokenizer, read(args.eval_text or os.path.join(args.model, "eval.txt")))
     batches = llm.calibration_batches(calib_ids, args.n_calib, args.seq_len, seed=args.seed)
     dense = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
-    layers = llm.llm_pruner_layers(len(llm.decoder_layers(dense)))
+    layers = llm.llm_pruner_layers(len(llm.decoder_layers(dense)), args.keep_first, args.keep_last)
     dense_ppl = llm.perplexity(dense, eval_ids, args.seq_len, max_windows=args.max_eval_windows)
     rows = []
     for param_ratio in args.param_ratios:

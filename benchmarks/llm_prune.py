@@ -55,8 +55,9 @@ def parse_args(argv=None):
     p.add_argument("--balance", nargs="*", type=float, default=[],
                    help="scale-free CoNNect balance(s) kappa, 'inf' for connectivity alone")
     p.add_argument("--n-samples", type=int, default=4, help="random token sequences for phi_tot")
-    p.add_argument("--keep-first", type=int, default=3)
-    p.add_argument("--keep-last", type=int, default=1)
+    p.add_argument("--keep-first", type=int, default=None,
+                   help="unpruned first layers (default: 3 from 7 layers on, fewer for a shallower model)")
+    p.add_argument("--keep-last", type=int, default=None, help="unpruned last layers (default: 1)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="float32", choices=sorted(_DTYPES))
     p.add_argument("--lora-steps", type=int, default=0, help="LoRA recovery steps after pruning (0: none)")

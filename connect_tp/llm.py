@@ -1,30 +1,42 @@
-"""CoNNect pruning of Hugging Face causal language models (LLaMA, Qwen2, Mistral) with Torch-Pruning.
+"""CoNNect pruning of Hugging Face causal language models with Torch-Pruning.
+
+Supported decoder families (:data:`FAMILIES`): LLaMA-style (LLaMA, Qwen2, Qwen3, Mistral, Gemma:
+separate ``q/k/v/o_proj``, gated MLP), Phi-3/Phi-3.5 (fused ``qkv_proj`` and ``gate_up_proj``),
+GPT-2 (fused ``c_attn`` in ``Conv1D`` layout, LayerNorm, plain MLP ``c_fc``/``c_proj``) and OPT
+(``q/k/v/out_proj``, plain MLP ``fc1``/``fc2``). Any other model is refused when the pruner is
+built, with the list of families and what the model lacks.
 
 This module reproduces the LLM-Pruner-style one-shot structural pruning of the paper's section
 4.2.2 (Table 2): inside a range of decoder layers (by default all but the first three and the last
-one), a fixed fraction of the attention heads and of the MLP channels of every layer is removed, the
-hidden size is kept. Which heads and channels go is decided per layer by any Torch-Pruning importance
-(``ConnectImportance``, ``GroupTaylorImportance``, ``GroupMagnitudeImportance``, ``RandomImportance``)
-applied to Torch-Pruning ``Group`` objects, and the weights are cut with Torch-Pruning's own pruning
-functions.
+one; about half of a model with fewer than 7 layers), a fixed fraction of the attention heads and
+of the MLP channels of every layer is removed, the hidden size is kept. Which heads and channels go
+is decided per layer by any Torch-Pruning importance (``ConnectImportance``,
+``GroupTaylorImportance``, ``GroupMagnitudeImportance``, ``RandomImportance``) applied to
+Torch-Pruning ``Group`` objects, and the weights are cut with Torch-Pruning's own pruning functions.
 
 Why the groups are built here rather than traced: a decoder layer has exactly two kinds of coupled
 structures, and they are known from the architecture:
 
-* a *head* group: rows ``[h*d, (h+1)*d)`` of ``q_proj`` (and of ``k_proj``/``v_proj`` without
-  grouped-query attention) with the same columns of ``o_proj``;
-* an *MLP channel* group: row ``c`` of ``gate_proj`` and ``up_proj`` with column ``c`` of
-  ``down_proj``.
+* a *head* group: the ``head_dim`` query rows of head ``h`` (and its key and value rows without
+  grouped-query attention; in a fused ``qkv_proj``/``c_attn`` they sit at three offsets of one
+  weight) with the same columns of the output projection;
+* an *MLP channel* group: row ``c`` of ``gate_proj`` and ``up_proj`` (rows ``c`` and ``m + c`` of a
+  fused ``gate_up_proj``, row ``c`` of ``fc1``/``c_fc``) with column ``c`` of the down projection.
 
-Torch-Pruning's automatic tracer finds the MLP group (``tests/test_llm.py`` checks that it is the
-same), but its traversal of the rotary-embedding/GQA attention of current ``transformers`` does not
-terminate (Torch-Pruning issue #527), and tracing a 7B model just to recover these two structures
-costs a full forward graph. With grouped-query attention the key/value heads are kept and the query
-heads are removed in equal numbers from every key/value group, so every layer stays a valid GQA
-layer (the same policy as Torch-Pruning's GQA head pruning).
+Torch-Pruning's own tracer finds the same MLP groups, and without grouped-query attention the same
+head groups with the same scores (``tests/test_llm.py``, ``tests/test_llm_torch_pruning.py``): its
+``MetaPruner`` with ``num_heads`` and head pruning works with ``ConnectImportance`` on LLaMA and
+Qwen2 once ``model.config.use_cache = False`` (with the KV cache on, Torch-Pruning 1.6.0's
+dependency search did not finish on a 2-layer model; docs/llm.md). With grouped-query attention
+its attention group spans only the key/value width of ``q_proj``/``o_proj``, so its head scores are
+not per query head; here the key/value heads are kept and the query heads are removed in equal
+numbers from every key/value group, scored over all their channels, so every layer stays a valid
+GQA layer. Building the groups from the architecture also needs no trace of a 7B model, and covers
+GPT-2's ``Conv1D`` (scored and cut as ``nn.Linear`` for the step, then put back).
 
-A pruned model has a different number of heads and MLP channels in different layers, which a plain
-``LlamaConfig`` cannot describe. :func:`save_pruned` therefore writes the per-layer shapes into
+A pruned model has a different number of heads and MLP channels in different layers, which the
+architecture's own config cannot describe (nor, for GPT-2 and OPT, a head count that changes the
+head size hidden / heads). :func:`save_pruned` then writes the per-layer shapes into
 ``config.json`` together with a small self-contained modeling file, so that
 ``AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)`` (or
 ``load_pruned(path, trust_remote_code=True)``) rebuilds it. ``trust_remote_code=True`` runs that
@@ -44,9 +56,8 @@ Example:
     >>> tokenizer = AutoTokenizer.from_pretrained("huggyllama/llama-7b")
     >>> ids = llm.tokenize(tokenizer, open("calibration.txt").read())
     >>> batches = llm.calibration_batches(ids, n_samples=10, seq_len=128)
-    >>> llm.accumulate_loss_gradients(model, batches)            # dL/dW in .grad, as in LLM-Pruner
-    >>> pruner = llm.LLMBlockPruner(model, ConnectImportance(lam=1e5), pruning_ratio=0.25)
-    >>> report = pruner.step()                                   # 25% of heads/channels in layers 3..30
+    >>> pruner = llm.LLMBlockPruner(model, ConnectImportance(balance=1), pruning_ratio=0.25)
+    >>> report = pruner.step(calibration=batches)                # 25% of heads/channels in layers 3..30
     >>> llm.save_pruned(model, "llama-7b-connect-20", tokenizer)
 """
 from __future__ import annotations
@@ -1214,7 +1225,7 @@ def lora_finetune(model: nn.Module, batches: torch.Tensor, steps: int = 100, lr:
                   rank: int = 8, alpha: int = 16, batch_size: int = 4, seed: int = 0) -> nn.Module:
     """LoRA recovery after pruning (the paper: Alpaca, 2 epochs), merged back into the weights.
 
-    Trains rank-``rank`` adapters on all seven projections of every decoder layer with the
+    Trains rank-``rank`` adapters on every projection of the decoder family (seven for LLaMA) with the
     next-token loss on ``batches`` (``(n, seq_len)`` token ids), then merges them, so the returned
     model has the pruned architecture and no adapter. Needs ``peft``.
     """

@@ -197,15 +197,24 @@ def test_head_rounding_is_reported_and_zero_heads_warns():
         llm.LLMBlockPruner(tiny("llama"), tp.importance.GroupMagnitudeImportance(p=2), 0.1, head_pruning=False).step()
 
 
-def test_taylor_without_gradients_names_the_fix():
-    model = tiny("llama")
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_taylor_without_gradients_names_the_fix(kind):
+    model = tiny(kind)
+    dense = llm.layer_shapes(model)
     pruner = llm.LLMBlockPruner(model, tp.importance.GroupTaylorImportance(), 0.5)
     with pytest.raises(ValueError, match=r"needs loss gradients.*has no \.grad.*step\(calibration=.*"
                                          r"accumulate_loss_gradients"):
         pruner.step()
-    assert llm.layer_shapes(model)[1].intermediate_size == 128  # nothing was cut
+    assert llm.layer_shapes(model) == dense  # nothing was cut
+    if kind == "gpt2":  # and GPT-2 got its Conv1D modules back
+        assert type(model.transformer.h[1].attn.c_attn).__name__ == "Conv1D"
+    # gradients filled beforehand (the whole-model form) reach the scores, Conv1D layout included
     llm.accumulate_loss_gradients(model, tokens(4))
-    assert pruner.step()[1]["channels_removed"] == 64
+    twin = copy.deepcopy(model)
+    assert pruner.step()[1]["channels_removed"] == dense[1].intermediate_size // 2
+    streamed = llm.LLMBlockPruner(twin, tp.importance.GroupTaylorImportance(), 0.5).step(calibration=tokens(4))
+    assert streamed[1]["heads_removed"] == pruner.last_report[1]["heads_removed"]
+    assert streamed[1]["channel_indices"] == pruner.last_report[1]["channel_indices"]
 
 
 def test_unsupported_architecture_is_refused_at_construction_with_what_is_missing():
