@@ -12,11 +12,12 @@ For every model of the model-zoo test (tests/test_zoo.py: torchvision and timm, 
   as at every pruning step), median of ``--repeats`` after one warm-up.
 
 A step is the sum of the two parts; the table prints the step ratio ``(tp + connect) / (tp +
-taylor)``, the importance-only ratio, and which engine path ran.
+taylor)``, the importance-only ratio, which engine path ran, and the time of the default's first
+group alone (it runs the connectivity pass; the other groups reuse its gradient).
 
 Usage:
     python -m benchmarks.zoo_overhead [--threads 1] [--repeats 3] [--device cpu|cuda]
-        [--models resnet18,mobilenet_v2] [--output results.json]
+        [--models resnet18,mobilenet_v2] [--output results.json] [--time-limit SECONDS]
 
 Target: step ratio <= 3 on every model. Timings on a shared machine drift: report the thread
 count and the load average (printed).
@@ -52,21 +53,22 @@ def _timm(name, **kwargs):
     return timm.create_model(name, pretrained=False, num_classes=10, **kwargs)
 
 
-# name -> (builder, transformer?)  (the models of tests/test_zoo.py)
+# name -> (builder, transformer?)  (the models of tests/test_zoo.py; the two whose group collection
+# by Torch-Pruning takes longest last, so that --time-limit cuts them first)
 ZOO = {
     "resnet18": (lambda: _torchvision("resnet18"), False),
     "mobilenet_v2": (lambda: _torchvision("mobilenet_v2"), False),
     "mobilenet_v3_small": (lambda: _torchvision("mobilenet_v3_small"), False),
     "efficientnet_b0": (lambda: _torchvision("efficientnet_b0"), False),
     "regnet_y_400mf": (lambda: _torchvision("regnet_y_400mf"), False),
-    "densenet121": (lambda: _torchvision("densenet121"), False),
     "convnext_tiny": (lambda: _torchvision("convnext_tiny"), False),
     "vit_b_16": (lambda: _torchvision("vit_b_16", image_size=SIZE), True),
-    "swin_t": (lambda: _torchvision("swin_t"), True),
     "timm_vit_tiny_patch16_224": (lambda: _timm("vit_tiny_patch16_224", img_size=SIZE), True),
     "timm_convnext_atto": (lambda: _timm("convnext_atto"), False),
     "timm_efficientnet_b0": (lambda: _timm("efficientnet_b0"), False),
     "timm_resnet18": (lambda: _timm("resnet18"), False),
+    "densenet121": (lambda: _torchvision("densenet121"), False),
+    "swin_t": (lambda: _torchvision("swin_t"), True),
 }
 
 
@@ -115,9 +117,9 @@ def measure(name: str, device: str, repeats: int) -> dict:
         "connect": lambda: ConnectImportance(example_inputs=example),
         "connect_data_free": lambda: ConnectImportance(balance=math.inf, example_inputs=example),
     }
-    times, paths = {}, {}
+    times, firsts, paths = {}, {}, {}
     for key, make in makers.items():
-        runs = []
+        runs, first_runs = [], []
         for _ in range(repeats + 1):  # the first is a warm-up (allocator, trace)
             imp = make()
             _sync(device)
@@ -125,13 +127,18 @@ def measure(name: str, device: str, repeats: int) -> dict:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 with torch.no_grad():
-                    for g in groups:
+                    for i, g in enumerate(groups):
                         imp(g)
+                        if i == 0:  # the first group's call runs the connectivity pass
+                            _sync(device)
+                            first_runs.append(1000 * (time.perf_counter() - start))
             _sync(device)
             runs.append(1000 * (time.perf_counter() - start))
         times[key] = statistics.median(runs[1:])
+        firsts[key] = statistics.median(first_runs[1:])
         paths[key] = getattr(imp, "engine_path", None)
     row = {"groups": len(groups), "tp_ms": tp_ms, **{f"{k}_ms": v for k, v in times.items()},
+           **{f"{k}_first_group_ms": v for k, v in firsts.items()},
            "engine_path": paths["connect"], "engine_path_data_free": paths["connect_data_free"]}
     for key in ("connect", "connect_data_free"):
         row[f"{key}_step_ratio"] = (tp_ms + times[key]) / (tp_ms + times["taylor"])
@@ -145,7 +152,10 @@ def main(argv=None) -> dict:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--models", default=",".join(ZOO), help="comma-separated subset of: " + ", ".join(ZOO))
-    parser.add_argument("--output", default=None, help="write the results as JSON to this path")
+    parser.add_argument("--output", default=None,
+                        help="write the results as JSON to this path (rewritten after every model)")
+    parser.add_argument("--time-limit", type=float, default=None,
+                        help="seconds: start no further model after this (the rest are listed as skipped)")
     args = parser.parse_args(argv)
     names = [n for n in args.models.split(",") if n]
     unknown = [n for n in names if n not in ZOO]
@@ -157,26 +167,42 @@ def main(argv=None) -> dict:
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"device {args.device}, {args.threads} thread(s), load average {load:.2f}, repeats {args.repeats}")
     header = (f"{'model':28s} {'groups':>6s} {'TP ms':>9s} {'Taylor ms':>10s} {'CoNNect ms':>11s} "
-              f"{'data-free ms':>12s} {'step x':>7s} {'df step x':>9s} {'imp x':>7s}  path")
+              f"{'data-free ms':>12s} {'1st group':>9s} {'step x':>7s} {'df step x':>9s} {'imp x':>7s}  path")
     print(header)
     rows, start = {}, time.perf_counter()
+    result = {"device": args.device, "threads": args.threads, "load_average": load, "repeats": args.repeats,
+              "torch": torch.__version__, "models": rows, "skipped": []}
+    if args.device.startswith("cuda"):
+        result["gpu"] = torch.cuda.get_device_name()
     for name in names:
-        row = measure(name, args.device, args.repeats)
+        if args.time_limit is not None and time.perf_counter() - start > args.time_limit:
+            result["skipped"].append(name)
+            print(f"{name:28s} skipped (--time-limit {args.time_limit:g} s)")
+            continue
+        try:
+            row = measure(name, args.device, args.repeats)
+        except Exception as exc:  # one model's failure must not lose the others' numbers
+            result.setdefault("errors", {})[name] = f"{type(exc).__name__}: {exc}"
+            print(f"{name:28s} failed: {type(exc).__name__}: {exc}", flush=True)
+            continue
         rows[name] = row
         print(f"{name:28s} {row['groups']:6d} {row['tp_ms']:9.1f} {row['taylor_ms']:10.1f} {row['connect_ms']:11.1f} "
-              f"{row['connect_data_free_ms']:12.1f} {row['connect_step_ratio']:7.2f} "
+              f"{row['connect_data_free_ms']:12.1f} {row['connect_first_group_ms']:9.1f} {row['connect_step_ratio']:7.2f} "
               f"{row['connect_data_free_step_ratio']:9.2f} {row['connect_importance_ratio']:7.1f}  "
               f"{row['engine_path']}", flush=True)
-    result = {"device": args.device, "threads": args.threads, "load_average": load, "repeats": args.repeats,
-              "torch": torch.__version__, "seconds": time.perf_counter() - start, "models": rows}
-    if torch.cuda.is_available() and args.device.startswith("cuda"):
-        result["gpu"] = torch.cuda.get_device_name()
+        result["seconds"] = time.perf_counter() - start
+        _write(result, args.output)  # after every model: a run cut short keeps what it measured
+    result["seconds"] = time.perf_counter() - start
+    _write(result, args.output)
     print(f"total {result['seconds']:.1f} s")
-    if args.output:
-        os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-        with open(args.output, "w") as f:
-            json.dump(result, f, indent=1)
     return result
+
+
+def _write(result: dict, path) -> None:
+    if path:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(result, f, indent=1)
 
 
 if __name__ == "__main__":
