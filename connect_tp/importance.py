@@ -48,7 +48,7 @@ from . import engine
 from .connectivity import (BN_FLOWS, CENTRED_TOLERANCE, _EvalMode, _explained_input_errors, connectivity_inputs,
                            describe_output_layer, log_connectivity_and_dtype, traced_output)
 
-__all__ = ["ConnectImportance", "DEFAULT_BALANCE", "DEFAULT_BN_FLOW", "MAX_LAMBDA"]
+__all__ = ["BALANCE_SCHEDULES", "ConnectImportance", "DEFAULT_BALANCE", "DEFAULT_BN_FLOW", "MAX_LAMBDA"]
 
 #: Default balance kappa of the connectivity term against the loss term (see the module docstring),
 #: picked by the ranking benchmark's rule, fixed before the runs (best mean accuracy after one fine-tuning
@@ -66,6 +66,10 @@ DEFAULT_BALANCE = 100.0
 #: the spread over seeds, gamma keeps more accuracy before fine-tuning (2x with BatchNorm
 #: re-estimated: +6.6 ± 5.9) and does not inflate channels with a tiny running variance.
 DEFAULT_BN_FLOW = "gamma"
+
+#: When a finite balance sets lambda: once, at the first step (``"frozen"``, the default), or at
+#: every pruning step from the model as it is then (``"every_step"``).
+BALANCE_SCHEDULES = ("frozen", "every_step")
 
 #: Largest absolute ``lam`` accepted. Far below float32's range for ``lam * d log phi / dW``, and far
 #: above the point where the loss term no longer changes any decision (use ``balance=math.inf``).
@@ -456,6 +460,11 @@ class ConnectImportance(tp.importance.TaylorImportance):
             ``log phi_tot`` and its gradient, hence the scores, are the same up to float32 rounding.
             Only the fx engine path chunks: a model it cannot trace (Hugging Face language models)
             runs all samples at once and a ``RuntimeWarning`` says so.
+        balance_schedule: when a finite ``balance`` sets lambda: ``"frozen"`` (the default) at the
+            first step, kept for the run; ``"every_step"`` again at every pruning step, from the
+            masses of the model as it is then (the two terms keep the ratio kappa as the model
+            shrinks and its gradients change). Only a finite, positive balance has a lambda to
+            re-derive; with ``lam=``, ``balance=0`` or ``balance=math.inf`` only ``"frozen"`` is valid.
     """
 
     def __init__(
@@ -473,6 +482,7 @@ class ConnectImportance(tp.importance.TaylorImportance):
                                         nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm),
         seed: Optional[int] = 0,
         chunk_size: Optional[int] = None,
+        balance_schedule: str = "frozen",
     ):
         if lam is not None and balance is not None:
             raise ValueError("give either lam (absolute) or balance (scale-free), not both")
@@ -499,6 +509,13 @@ class ConnectImportance(tp.importance.TaylorImportance):
         if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
                                        or chunk_size < 1):
             raise ValueError(f"chunk_size must be an integer >= 1 or None, got {chunk_size!r}")
+        if balance_schedule not in BALANCE_SCHEDULES:
+            raise ValueError(f"unknown balance_schedule {balance_schedule!r}; choose one of {BALANCE_SCHEDULES}")
+        if balance_schedule != "frozen" and (balance is None or balance in (0, math.inf)):
+            given = f"lam={_shown(lam)}" if lam is not None else f"balance={balance!r}"
+            raise ValueError(f"balance_schedule={balance_schedule!r} re-derives lambda from a finite, positive balance, "
+                             f"but {given} fixes lambda for the whole run; use balance_schedule='frozen' or a "
+                             "finite balance")
         super().__init__(group_reduction=group_reduction, normalizer=normalizer, bias=bias,
                          target_types=list(target_types))
         self.balance = None if balance is None else float(balance)
@@ -511,6 +528,7 @@ class ConnectImportance(tp.importance.TaylorImportance):
         self.bn_flow = bn_flow
         self.seed = seed
         self.chunk_size = chunk_size
+        self.balance_schedule = balance_schedule
         # Only a connectivity term needs the input shape; pure Taylor never watches forwards.
         self._recorder = _InputRecorder() if example_inputs is None and self.lam != 0 else None
         self._recorded_inputs: Any = None  # the input the recorder or the graph gave (not the user's)
@@ -727,6 +745,8 @@ class ConnectImportance(tp.importance.TaylorImportance):
             # lambda and the measuring precision belong to the model they were found on; a balance is
             # scale-free, so a new model resolves its own lambda (kappa means the same on both)
             self.lam, self._lam_model, self._dtype, self._flat = None, None, None, False
+        elif resolve and self.balance_schedule == "every_step" and self._lam_model is not None and not self._flat:
+            self.lam = None  # re-derived below from the masses of the model as it is now
         self._decide_loss(self._sweep_params)
         key, finite = self._state_key(model)
         if not finite:

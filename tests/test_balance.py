@@ -367,3 +367,37 @@ def test_a_normalized_output_cannot_be_scored_data_free():
     imp = ConnectImportance(balance=math.inf, example_inputs=torch.rand(1, 4))
     with pytest.raises(RuntimeError, match="does not depend on the weights"):
         imp(group)
+
+
+# ---------------------------------------------------------------------------------- balance schedule
+@pytest.mark.parametrize("kwargs,match", [
+    ({"balance_schedule": "sometimes"}, "balance_schedule"),
+    ({"balance_schedule": "every_step", "lam": 3.0}, "lam=3.0 fixes lambda"),
+    ({"balance_schedule": "every_step", "balance": 0.0}, "balance=0.0 fixes lambda"),
+    ({"balance_schedule": "every_step", "balance": math.inf}, "balance=inf fixes lambda"),
+])
+def test_a_balance_schedule_without_a_balance_to_rederive_is_refused(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        ConnectImportance(**kwargs)
+
+
+@pytest.mark.parametrize("schedule", ["frozen", "every_step"])
+def test_every_step_rederives_lambda_frozen_keeps_it(schedule):
+    model = trained_like_resnet()
+    example = torch.rand(1, 3, 32, 32)
+    imp = ConnectImportance(balance=2.0, example_inputs=example, balance_schedule=schedule)
+    pruner = tp.pruner.MetaPruner(model, example, importance=imp, global_pruning=True, pruning_ratio=0.5,
+                                  iterative_steps=4, ignored_layers=[model.fc])
+    lams = []
+    for step, scale in enumerate([1.0, 10.0]):
+        loss_backward(model, scale=scale)
+        masses = ConnectImportance(balance=2.0, example_inputs=example).taylor_masses(model)  # before pruning
+        pruner.step()
+        lams.append(imp.lam)
+        if schedule == "every_step" or step == 0:  # the lambda of the model as this step scored it
+            expected = ConnectImportance(balance=2.0).lambda_from_masses(*masses)
+            assert imp.lam == pytest.approx(expected, rel=1e-9), step
+    if schedule == "frozen":
+        assert lams[1] == lams[0]
+    else:  # the loss scaled by 10 (and a pruned model): a new lambda, about 10 times the first
+        assert 5 < lams[1] / lams[0] < 20
