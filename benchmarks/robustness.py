@@ -65,7 +65,8 @@ TINY = dict(PROTOCOL, epochs=1, milestones=[], train_subset=512, test_subset=256
 
 VARIANTS = {
     "refresh": "BatchNorm statistics re-estimated on the calibration images before every pruning step",
-    "held": "lambda re-derived from the current loss and connectivity masses at every step (a finite balance)",
+    "held": "balance_schedule='every_step': lambda re-derived from the current loss and connectivity "
+            "masses at every step (a finite balance)",
     "protect": "a last-channels guard: each channel's score plus -log(1 - s), s its share of the flow "
                "through its layer (the exact loss of log phi when it goes), which grows without bound as "
                "a layer empties",
@@ -280,11 +281,10 @@ def _variant_class(variants: Sequence[str]):
 
     class Variant(ConnectImportance):
         def __init__(self, **options):
+            if "held" in variants:  # the library's option (it refuses a balance of 0 or inf, or lam=)
+                options["balance_schedule"] = "every_step"
             super().__init__(**options)
             self.variants = tuple(variants)
-            if "held" in variants and (self.balance is None or self.balance in (0.0, math.inf)):
-                raise ValueError("+held re-derives lambda from a finite, positive balance at every step; "
-                                 f"this method has balance={self.balance} (use connect-k<kappa> with 0 < kappa < inf)")
             if "guard" in variants and self.bn_flow != "stats":
                 raise ValueError(f"+guard floors the running variances of bn_flow='stats'; this method has "
                                  f"bn_flow={self.bn_flow!r} (name it without -bn, or with -bnstats)")
@@ -293,8 +293,6 @@ def _variant_class(variants: Sequence[str]):
             self.lam_history: List[float] = []
 
         def _full_refresh(self, model, graph=None, resolve=True):
-            if "held" in self.variants and resolve:
-                self.lam = None  # resolved again below, from this step's masses
             super()._full_refresh(model, graph, resolve)
             if resolve and self.lam is not None:
                 self.lam_history.append(float(self.lam))
