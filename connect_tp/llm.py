@@ -912,12 +912,13 @@ class LLMBlockPruner:
         if no_heads:
             layers = [i for i, _ in no_heads]
             per_group = min(p for _, p in no_heads)
+            hint = (f"A ratio above {0.5 / per_group:.3g} removes one head per group" if per_group > 1 else
+                    "A group of one head keeps it (the last head of a group is never removed)")
             warnings.warn(
                 f"pruning_ratio={self.pruning_ratio:g} removes no attention head in layers {layers}: heads are "
                 f"removed in whole numbers, equally from every key/value group, and round({self.pruning_ratio:g} x "
-                f"{per_group} heads per group) is 0 (only MLP channels were pruned there). A ratio above "
-                f"{0.5 / per_group:.3g} removes one head per group; head_pruning=False says that only channels "
-                f"should go", UserWarning, stacklevel=2)
+                f"{per_group} heads per group) is 0 (only MLP channels were pruned there). {hint}; "
+                f"head_pruning=False says that only channels should go", UserWarning, stacklevel=2)
         self.last_report = report
         return report
 
