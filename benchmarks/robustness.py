@@ -607,42 +607,63 @@ def summarize_method(trajs: Sequence[Dict[str, Any]], target: float) -> Dict[str
     return out
 
 
+def coverage(trajs: Sequence[Dict[str, Any]], method: str, draws: Sequence[int]) -> List[Tuple[int, int]]:
+    """The (seed, draw) pairs a method's trajectories cover.
+
+    A method that never passes the calibration images through the model (:func:`uses_calibration`)
+    prunes the same way on every draw, so one trajectory per base covers all of its draws.
+    """
+    mine = {(r["seed"], r["draw"]) for r in trajs if r["method"] == method}
+    if not uses_calibration(method):
+        mine = {(s, d) for s, _ in mine for d in draws}
+    return sorted(mine)
+
+
 def choose_default(summary: Dict[str, Any], candidates: Sequence[str], current: str,
                    metric: str = "acc_ft") -> Dict[str, Any]:
     """The rule, written before the runs, for CoNNect's default among ``candidates``.
 
-    1. Only candidates with every trajectory present (as many as the most complete candidate) and
-       **no collapsed trajectory** at 8x or 16x qualify.
-    2. Among them, the best mean of ``metric`` over 8x and 16x wins; the current default is kept
-       unless the winner's lead over it exceeds the sample std of their paired differences
-       (trajectory by trajectory), or the current default does not qualify.
+    1. A candidate qualifies when it covers every (base, draw) pair of the benchmark
+       (``summary["expected"]``), has ``metric`` on every trajectory, and **no collapsed
+       trajectory** at 8x or 16x.
+    2. Among them, the best mean of ``metric`` over 8x and 16x wins; the current default is kept unless
+       it collapsed, or the winner's lead over it exceeds the sample std of their paired differences
+       (trajectory by trajectory).
+    3. If the current default did not collapse but lacks trajectories, or no candidate qualifies, the
+       default is kept: the evidence is insufficient to change it.
 
     Returns:
-        ``{"choice", "qualified", "scores", "reason"}``; ``choice`` None when no candidate qualifies.
+        ``{"choice", "qualified", "scores", "reason"}``; ``choice`` is the default to use.
     """
-    per = summary["methods"]
+    per, expected = summary["methods"], summary["expected"]
     present = [c for c in candidates if c in per]
-    if not present:
-        return {"choice": None, "qualified": [], "scores": {}, "reason": "no candidate has results"}
-    full = max(per[c]["8"]["trajectories"] for c in present)
-    qualified = [c for c in present if all(per[c][t]["trajectories"] == full and per[c][t]["collapsed"] == 0
-                                           and per[c][t][metric]["n"] == full for t in ("8", "16"))]
+
+    def collapsed(c: str) -> int:
+        return sum(per[c][t]["collapsed"] for t in ("8", "16"))
+
+    qualified = [c for c in present if per[c]["covered"] == expected and collapsed(c) == 0
+                 and all(per[c][t][metric]["n"] == per[c][t]["trajectories"] for t in ("8", "16"))]
     scores = {c: statistics.fmean([per[c][t][metric]["mean"] for t in ("8", "16")]) for c in qualified}
+    out = {"qualified": qualified, "scores": scores}
+    failed = current in per and collapsed(current) > 0
     if not qualified:
-        return {"choice": None, "qualified": [], "scores": {}, "reason": "every candidate collapsed at least once "
-                "or lacks trajectories"}
+        why = (f"the current default collapsed on {collapsed(current)} trajectory(ies), but no candidate qualifies"
+               if failed else "no candidate qualifies")
+        return dict(out, choice=current, reason=why + ": the evidence is insufficient to change the default")
     best = max(qualified, key=lambda c: scores[c])
+    if failed:
+        return dict(out, choice=best, reason=f"the current default collapsed on {collapsed(current)} "
+                    f"trajectory(ies); {best} qualifies with the best mean")
     if current not in qualified:
-        return {"choice": best, "qualified": qualified, "scores": scores,
-                "reason": f"the current default {current} does not qualify; {best} has the best mean"}
+        return dict(out, choice=current, reason="the current default did not collapse but lacks trajectories: "
+                    "the evidence is insufficient to change it")
     if best == current:
-        return {"choice": current, "qualified": qualified, "scores": scores, "reason": "the current default is best"}
+        return dict(out, choice=current, reason="the current default is best")
     diffs = summary["paired"].get(f"{best}|{current}|{metric}")
     if diffs is None or len(diffs) < 2 or statistics.fmean(diffs) <= statistics.stdev(diffs):
-        return {"choice": current, "qualified": qualified, "scores": scores,
-                "reason": f"{best} leads by less than the spread of the paired differences: the default is kept"}
-    return {"choice": best, "qualified": qualified, "scores": scores,
-            "reason": f"{best} leads the current default beyond the spread of the paired differences"}
+        return dict(out, choice=current,
+                    reason=f"{best} leads by less than the spread of the paired differences: the default is kept")
+    return dict(out, choice=best, reason=f"{best} leads the current default beyond the spread of the paired differences")
 
 
 def paired(trajs: Sequence[Dict[str, Any]], a: str, b: str, metric: str) -> List[float]:
@@ -659,8 +680,11 @@ def paired(trajs: Sequence[Dict[str, Any]], a: str, b: str, metric: str) -> List
             if m == a and by.get((b, s, d)) is not None and by[(a, s, d)] is not None]
 
 
-def summarize(roots: Sequence[str], output: str, candidates: Optional[Sequence[str]] = None) -> str:
-    """Write ``summary.json`` and ``table.md`` under ``output``; returns the markdown."""
+def summarize(roots: Sequence[str], output: str, candidates: Optional[Sequence[str]] = None,
+              seeds: Sequence[int] = (3, 4, 5, 6, 7), draws: Sequence[int] = (0, 1)) -> str:
+    """Write ``summary.json`` and ``table.md`` under ``output``; returns the markdown.
+
+    ``seeds`` and ``draws`` are the benchmark's (base, draw) pairs, which the rule needs covered."""
     trajs, bases = read_results(roots)
     if not trajs:
         raise SystemExit(f"error: no trajectories under {list(roots)}")
@@ -670,19 +694,22 @@ def summarize(roots: Sequence[str], output: str, candidates: Optional[Sequence[s
                                                "finetuned_16x_min": FINETUNED_16X_MIN},
                                "protocol": trajs[0]["protocol"], "bases": [{k: b[k] for k in ("seed", "acc", "seconds")}
                                                                            for b in bases],
-                               "methods": {}, "paired": {}}
+                               "methods": {}, "paired": {}, "expected": len(seeds) * len(draws),
+                               "seeds": list(seeds), "draws": list(draws)}
     for m in methods:
         mine = [r for r in trajs if r["method"] == m]
         summary["methods"][m] = {f"{t:g}": summarize_method(mine, t) for t in TARGETS}
         summary["methods"][m]["seeds"] = sorted({r["seed"] for r in mine})
         summary["methods"][m]["draws"] = sorted({r["draw"] for r in mine})
+        covered = coverage(trajs, m, draws)
+        summary["methods"][m]["covered"] = len([p for p in covered if p[0] in seeds and p[1] in draws])
     connect = [m for m in methods if m.startswith("connect")]
     for metric in ("acc_bn", "acc_ft"):
         for a in connect:
             if a != "connect":
                 summary["paired"][f"{a}|connect|{metric}"] = paired(trajs, a, "connect", metric)
     candidates = list(candidates) if candidates else connect
-    summary["rule"] = {metric: choose_default(summary, candidates, "connect", metric) for metric in ("acc_ft", "acc_bn")}
+    summary["rule"] = choose_default(summary, candidates, "connect", "acc_ft")
     envs = [r["environment"] for r in trajs]
     summary["environment"] = {"threads": sorted({e["threads"] for e in envs}),
                               "accelerator": sorted({str(e["accelerator"]) for e in envs}),
@@ -720,14 +747,16 @@ def _markdown(summary: Dict[str, Any]) -> str:
     for title, metric in (("After BatchNorm re-estimation (prune only)", "acc_bn"),
                           ("After the cosine fine-tuning epoch", "acc_ft")):
         lines += [f"**{title}**", "",
-                  "| method | trajectories (seeds × draws) | collapsed 8x | collapsed 16x | 8x | 16x | stage-3 stream at 16x: mean / worst |",
+                  "| method | trajectories (seeds × draws; pairs covered) | collapsed 8x | collapsed 16x | 8x | 16x | "
+                  "stage-3 stream at 16x: mean / worst |",
                   "|---|---|---|---|---|---|---|"]
         for m, per in summary["methods"].items():
             if metric == "acc_ft" and not per["16"]["fine_tuned"] and not per["8"]["fine_tuned"]:
                 continue
             a, b = per["8"], per["16"]
             stream = b["stream"]
-            lines.append(f"| {m} | {a['trajectories']} ({len(per['seeds'])} × {len(per['draws'])}) | "
+            lines.append(f"| {m} | {a['trajectories']} ({len(per['seeds'])} × {len(per['draws'])}; "
+                         f"{per['covered']}/{summary['expected']}) | "
                          f"{a['collapsed']} | {b['collapsed']} | {_cell(a[metric])} | {_cell(b[metric])} | "
                          + ("–" if not stream["n"] else f"{stream['mean']:.1f} / {stream['worst']}") + " |")
         lines.append("")
@@ -737,10 +766,11 @@ def _markdown(summary: Dict[str, Any]) -> str:
             for c in per[t]["collapses"]:
                 lines.append(f"- {m} at {t}x, {c['at']}: {'; '.join(c['why'])}")
     lines.append("")
-    for metric, rule in summary["rule"].items():
-        choice = rule["choice"]
-        scores = ", ".join("%s %.2f" % (c, rule["scores"][c]) for c in rule["qualified"]) or "none"
-        lines.append(f"Rule on `{metric}`: {choice or 'no choice'} ({rule['reason']}); qualified: {scores}.")
+    rule = summary["rule"]
+    scores = ", ".join("%s %.2f" % (c, rule["scores"][c]) for c in rule["qualified"]) or "none"
+    lines.append(f"The rule (every one of the {summary['expected']} (base, draw) pairs covered, no collapse, then the "
+                 f"best mean fine-tuned accuracy over 8x and 16x): **{rule['choice']}** ({rule['reason']}); "
+                 f"qualified: {scores}.")
     return "\n".join(lines) + "\n"
 
 
@@ -787,9 +817,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("roots", nargs="+")
     p.add_argument("--output", default=os.path.join("benchmarks", "results", "robustness"))
     p.add_argument("--candidates", nargs="*", help="CoNNect specs the rule chooses among (default: every connect row)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[3, 4, 5, 6, 7], help="the benchmark's bases")
+    p.add_argument("--draws", type=int, nargs="+", default=[0, 1], help="the benchmark's calibration draws")
     args = parser.parse_args(argv)
     if args.command == "summarize":
-        print(summarize(args.roots, args.output, args.candidates))
+        print(summarize(args.roots, args.output, args.candidates, args.seeds, args.draws))
         return 0
     if args.command == "run":
         return run(args)

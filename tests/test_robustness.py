@@ -92,10 +92,13 @@ def test_summarize_method_counts_collapses_and_names_the_worst_trajectory():
     assert at8["collapsed"] == 0 and at8["acc_ft"]["mean"] == pytest.approx(84.0)
 
 
-def _summary(trajs):
+def _summary(trajs, seeds=range(3, 8), draws=(0,)):
     methods = sorted({r["method"] for r in trajs})
     summary = {"methods": {m: {f"{t:g}": rb.summarize_method([r for r in trajs if r["method"] == m], t)
-                               for t in rb.TARGETS} for m in methods}, "paired": {}}
+                               for t in rb.TARGETS} for m in methods}, "paired": {},
+               "expected": len(seeds) * len(draws)}
+    for m in methods:
+        summary["methods"][m]["covered"] = len(rb.coverage(trajs, m, draws))
     for a in methods:
         if a != "connect":
             summary["paired"][f"{a}|connect|acc_ft"] = rb.paired(trajs, a, "connect", "acc_ft")
@@ -108,29 +111,45 @@ def test_paired_differences_match_trajectory_by_trajectory():
     assert rb.paired(trajs, "a", "connect", "acc_ft") == [pytest.approx(4.0)]  # only (3, 0) is in both
 
 
+A, B, C = "connect-k100", "connect-k30", "connect-k100+protect"  # candidates that use the calibration images
+
+
 def test_the_rule_disqualifies_collapses_and_keeps_the_default_within_the_spread():
     base = [_traj("connect", s, 0, ft=(85.0, 80.0 + s % 2)) for s in range(3, 8)]
-    # "a" leads by 0.5 on average, but trajectory by trajectory the lead swings: kept.
-    noisy = [_traj("a", s, 0, ft=(85.0 + (4 if s % 2 else -3), 80.0 + s % 2)) for s in range(3, 8)]
-    rule = rb.choose_default(_summary(base + noisy), ["connect", "a"], "connect")
+    # A leads by 0.5 on average, but trajectory by trajectory the lead swings: kept.
+    noisy = [_traj(A, s, 0, ft=(85.0 + (4 if s % 2 else -3), 80.0 + s % 2)) for s in range(3, 8)]
+    rule = rb.choose_default(_summary(base + noisy), ["connect", A], "connect")
     assert rule["choice"] == "connect" and "spread" in rule["reason"]
-    # "b" leads on every trajectory: it wins.
-    steady = [_traj("b", s, 0, ft=(87.0, 82.0 + s % 2)) for s in range(3, 8)]
-    assert rb.choose_default(_summary(base + steady), ["connect", "b"], "connect")["choice"] == "b"
-    # "c" is best on the mean but collapses once: it does not qualify.
-    risky = [_traj("c", s, 0, ft=(95.0, 95.0)) for s in range(3, 7)] + [_traj("c", 7, 0, stream16=2, ft=(95.0, 90.0))]
-    rule = rb.choose_default(_summary(base + risky), ["connect", "c"], "connect")
+    # B leads on every trajectory: it wins.
+    steady = [_traj(B, s, 0, ft=(87.0, 82.0 + s % 2)) for s in range(3, 8)]
+    assert rb.choose_default(_summary(base + steady), ["connect", B], "connect")["choice"] == B
+    # C is best on the mean but collapses once: it does not qualify.
+    risky = [_traj(C, s, 0, ft=(95.0, 95.0)) for s in range(3, 7)] + [_traj(C, 7, 0, stream16=2, ft=(95.0, 90.0))]
+    rule = rb.choose_default(_summary(base + risky), ["connect", C], "connect")
     assert rule["choice"] == "connect" and rule["qualified"] == ["connect"]
 
 
-def test_the_rule_replaces_a_default_that_collapses_and_needs_every_trajectory():
-    bad = [_traj("connect", s, 0) for s in range(3, 7)] + [_traj("connect", 7, 0, stream16=3)]
-    good = [_traj("a", s, 0, ft=(80.0, 75.0)) for s in range(3, 8)]
-    short = [_traj("b", s, 0, ft=(99.0, 99.0)) for s in range(3, 6)]  # fewer trajectories: not judged
-    rule = rb.choose_default(_summary(bad + good + short), ["connect", "a", "b"], "connect")
-    assert rule["choice"] == "a" and "does not qualify" in rule["reason"]
-    nobody = rb.choose_default(_summary(bad), ["connect"], "connect")
-    assert nobody["choice"] is None
+def test_the_rule_replaces_a_default_that_collapses_and_needs_every_pair_covered():
+    bad = [_traj("connect", s, 0) for s in range(3, 5)] + [_traj("connect", 5, 0, stream16=3)]  # 3 of 5, one collapse
+    good = [_traj(A, s, 0, ft=(80.0, 75.0)) for s in range(3, 8)]
+    short = [_traj(B, s, 0, ft=(99.0, 99.0)) for s in range(3, 6)]  # fewer trajectories: not judged
+    rule = rb.choose_default(_summary(bad + good + short), ["connect", A, B], "connect")
+    assert rule["choice"] == A and "collapsed on 1" in rule["reason"]
+    nobody = rb.choose_default(_summary(bad + short), ["connect", B], "connect")
+    assert nobody["choice"] == "connect" and "insufficient" in nobody["reason"]
+    # A default that did not collapse but lacks trajectories is kept whatever the others score.
+    partial = [_traj("connect", s, 0) for s in range(3, 6)]
+    rule = rb.choose_default(_summary(partial + good), ["connect", A], "connect")
+    assert rule["choice"] == "connect" and "lacks trajectories" in rule["reason"]
+
+
+def test_a_data_free_method_covers_every_draw_of_a_base_with_one_trajectory():
+    trajs = [_traj("connect-kinf", s, 0) for s in range(3, 8)] + [_traj("connect", s, 0) for s in range(3, 8)]
+    assert len(rb.coverage(trajs, "connect-kinf", [0, 1])) == 10
+    assert len(rb.coverage(trajs, "connect", [0, 1])) == 5  # the gradient method needs draw 1 too
+    summary = _summary(trajs, draws=(0, 1))
+    rule = rb.choose_default(summary, ["connect", "connect-kinf"], "connect")
+    assert rule["qualified"] == ["connect-kinf"] and rule["choice"] == "connect"  # the default lacks draw 1
 
 
 def test_parse_spec_checks_method_and_variants():
@@ -194,7 +213,7 @@ def test_summarize_writes_the_worst_case_table(tmp_path):
         _touch(rb.traj_path(root, m, 3, 0), dict(_traj(m, 3, 0, stream16=s16), finetuned_acc={}))
         _touch(rb.traj_path(root, m, 3, 0, "finetune"), {"finetuned_acc": {"8": 85.0, "16": 41.7}})
     md = rb.summarize([root], out)
-    assert "| l1 | 1 (1 × 1) | 0 | 1 |" in md and "**41.7** (s3-d0)" in md
+    assert "| l1 | 1 (1 × 1; 2/10) | 0 | 1 |" in md and "**41.7** (s3-d0)" in md
     assert "- l1 at 16x, s3-d0: last stage's residual stream at 3 <= 4" in md
     saved = json.load(open(os.path.join(out, "summary.json")))
     assert saved["methods"]["connect"]["16"]["collapsed"] == 1  # 41.7 % after fine-tuning at 16x
