@@ -134,6 +134,8 @@ def test_zoo_prunes_with_connect(name, mode):
         rule_warnings += [str(w.message) for w in caught if issubclass(w.category, ConnectivityRuleWarning)]
         fallbacks = [str(w.message) for w in caught if "engine" in str(w.message) and "path" in str(w.message)]
         assert not fallbacks, fallbacks
+        flat = [str(w.message) for w in caught if "does not depend on the weights" in str(w.message)]
+        assert not flat, flat  # the connectivity term would be dropped: Taylor in disguise
         with torch.no_grad():
             out = model(images)
         assert out.shape == (4, 10) and bool(torch.isfinite(out).all()), f"step {step}: outputs not finite"
