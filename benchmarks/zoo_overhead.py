@@ -6,7 +6,8 @@ For every model of the model-zoo test (tests/test_zoo.py: torchvision and timm, 
 
 * Torch-Pruning's own part: collecting the pruning groups (``DG.get_all_groups``), the same for
   every importance, timed once;
-* the importance's part: scoring every group, timed for Taylor, the default ``ConnectImportance()``
+* the importance's part: scoring every group through ``pruner.estimate_importance`` (what the
+  step calls), timed for Taylor, the default ``ConnectImportance()``
   and the data-free ``ConnectImportance(balance=math.inf)`` on the same model and the same loss
   gradients (a backward on 4 random images), each with a fresh importance (one connectivity pass,
   as at every pruning step), median of ``--repeats`` after one warm-up.
@@ -122,13 +123,14 @@ def measure(name: str, device: str, repeats: int) -> dict:
         runs, first_runs = [], []
         for _ in range(repeats + 1):  # the first is a warm-up (allocator, trace)
             imp = make()
+            pruner.importance = imp  # scored through the pruner, as pruner.step() scores
             _sync(device)
             start = time.perf_counter()
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 with torch.no_grad():
                     for i, g in enumerate(groups):
-                        imp(g)
+                        pruner.estimate_importance(g)
                         if i == 0:  # the first group's call runs the connectivity pass
                             _sync(device)
                             first_runs.append(1000 * (time.perf_counter() - start))
