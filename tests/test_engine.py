@@ -2,6 +2,7 @@
 import copy
 import itertools
 import math
+import re
 
 import pytest
 import torch
@@ -419,3 +420,40 @@ def test_functional_batchnorm_reads_like_the_module(bn_flow):
     a = log_connectivity(plain, x, n_samples=3, bn_flow=bn_flow)
     b = log_connectivity(functional, x, n_samples=3, bn_flow=bn_flow)
     assert b.item() == pytest.approx(a.item(), rel=1e-6)
+
+
+class _Returns(nn.Module):
+    def __init__(self, last):
+        super().__init__()
+        self.body, self.last = nn.Linear(4, 6), last
+
+    def forward(self, x):
+        return self.last(self.body(x))
+
+
+@pytest.mark.parametrize("last,label", [
+    (nn.Softmax(-1), "'last' (Softmax)"), (nn.LogSoftmax(-1), "'last' (LogSoftmax)"), (nn.Sigmoid(), "'last' (Sigmoid)"),
+    (lambda h: F.log_softmax(h, -1), "the function log_softmax"), (lambda h: h.softmax(-1), "the function softmax"),
+])
+def test_an_output_normalization_is_measured_on_its_input(last, label):
+    torch.manual_seed(0)
+    model = _Returns(last)
+    with pytest.warns(engine.ConnectivityRuleWarning, match="output comes from " + re.escape(label)):
+        got = log_connectivity(model, torch.rand(1, 4), n_samples=3, seed=0)
+    assert got.item() == pytest.approx(log_connectivity(model.body, torch.rand(1, 4), n_samples=3, seed=0).item(),
+                                       rel=1e-6)
+
+
+def test_an_operation_without_a_rule_names_itself_when_it_cannot_run():
+    """Beyond float32's range an operation without a rule cannot run on the plain value: the
+    engine says which module, so the importance's fallback warning can name it."""
+    torch.manual_seed(0)
+    layers = []
+    for _ in range(60):
+        lin = nn.Linear(16, 16)
+        with torch.no_grad():
+            lin.weight.uniform_(0.5, 1.0)
+        layers.append(lin)
+    model = nn.Sequential(*layers, nn.Softplus(), nn.Linear(16, 2))
+    with pytest.raises(engine.NeedsFallback, match=r"module '60' \(Softplus\) has no signal-flow rule"):
+        engine.run_traced(model, torch.rand(2, 16))
