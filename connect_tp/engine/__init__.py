@@ -35,9 +35,12 @@ The last two run on :class:`AppendixBGraph` (a trace that keeps channel scalers 
 modules as leaves, and the node policy :class:`_AppendixBPass`); they raise
 :class:`UnsupportedModuleError` for an operation without a rule instead of falling back.
 
-Operations that are not homogeneous (GELU, softmax, sigmoid, custom modules) are evaluated on the
-materialized value ``value * exp(log_scale)``; if that does not fit the dtype the pass raises
-:class:`NeedsFallback` and callers use the traced-free path. Models that ``torch.fx`` cannot trace
+The modules that break a positive path sum (saturating and smooth activations, gates, norms,
+zero-initialised layers, an output softmax, ``cat`` with constants) have rules of their own
+(:mod:`.rules`). Other operations that are not homogeneous (a softmax inside attention, custom
+modules) are evaluated on the materialized value ``value * exp(log_scale)``; if that does not fit
+the dtype the pass raises :class:`NeedsFallback`, naming the module, and callers use the
+traced-free path. Models that ``torch.fx`` cannot trace
 (Hugging Face language models) take that path directly:
 :func:`connect_tp.connectivity.log_connectivity_and_dtype`, a ``torch.func.functional_call``
 forward with the same absolute-valued parameters, in the model's precision with float32 and
