@@ -457,3 +457,35 @@ def test_an_operation_without_a_rule_names_itself_when_it_cannot_run():
     model = nn.Sequential(*layers, nn.Softplus(), nn.Linear(16, 2))
     with pytest.raises(engine.NeedsFallback, match=r"module '60' \(Softplus\) has no signal-flow rule"):
         engine.run_traced(model, torch.rand(2, 16))
+
+
+class _LayerNorm2d(nn.LayerNorm):
+    """ConvNeXt's channels-first LayerNorm: F.layer_norm between two permutes (traced through)."""
+
+    def forward(self, x):
+        x = x.permute(0, 2, 3, 1)
+        return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps).permute(0, 3, 1, 2)
+
+
+@pytest.mark.parametrize("norm", ["layernorm2d", "groupnorm"])
+def test_norms_are_uncentered_against_a_float64_oracle(norm):
+    """x / rms(x) * |gamma| + |beta| over the normalized dimensions, at a scale far from 1."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 8, 3)
+    with torch.no_grad():
+        conv.weight.mul_(300.0)  # the norm sees a flow at a scale near e^6
+    layer = _LayerNorm2d(8) if norm == "layernorm2d" else nn.GroupNorm(2, 8)
+    with torch.no_grad():
+        layer.weight.uniform_(-2, 2)
+        layer.bias.uniform_(-1, 1)
+    model = nn.Sequential(conv, layer, nn.Flatten(), nn.Linear(8 * 6 * 6, 3))
+    x = torch.rand(2, 3, 8, 8)
+    out, _ = engine.run_traced(model, x)
+    p = {n: t.detach().double().abs() for n, t in model.named_parameters()}
+    h = F.conv2d(x.double(), p["0.weight"], p["0.bias"])
+    dims = (1,) if norm == "layernorm2d" else (2,)
+    grouped = h if norm == "layernorm2d" else h.reshape(2, 2, -1)
+    normed = (grouped / torch.sqrt(grouped.pow(2).mean(dims, keepdim=True) + layer.eps)).reshape(h.shape)
+    normed = normed * p["1.weight"].view(1, -1, 1, 1) + p["1.bias"].view(1, -1, 1, 1)
+    expected = F.linear(normed.flatten(1), p["3.weight"], p["3.bias"])
+    torch.testing.assert_close(out.value.double() * math.exp(out.log_scale), expected, rtol=1e-5, atol=0)
