@@ -489,3 +489,22 @@ def test_norms_are_uncentered_against_a_float64_oracle(norm):
     normed = normed * p["1.weight"].view(1, -1, 1, 1) + p["1.bias"].view(1, -1, 1, 1)
     expected = F.linear(normed.flatten(1), p["3.weight"], p["3.bias"])
     torch.testing.assert_close(out.value.double() * math.exp(out.log_scale), expected, rtol=1e-5, atol=0)
+
+
+def test_prelu_and_upsample_are_homogeneous_far_beyond_float32():
+    """Both commute with a positive scale, so they run on the scaled value (no fall back), exactly."""
+    torch.manual_seed(0)
+    layers = []
+    for _ in range(40):
+        conv = nn.Conv2d(4, 4, 3, padding=1)
+        with torch.no_grad():
+            conv.weight.uniform_(0.5, 1.0)
+        layers += [conv, nn.PReLU(4, init=-0.3)]
+    model = nn.Sequential(*layers, nn.Upsample(scale_factor=2, mode="bilinear"), nn.Conv2d(4, 2, 1), nn.Flatten()).eval()
+    x = torch.rand(2, 4, 4, 4)
+    out, _ = engine.run_traced(model, x)
+    assert out.log_scale > math.log(torch.finfo(torch.float32).max)  # the plain pass would overflow
+    ref, _ = _abs_forward64(model, x)
+    assert float(torch.log(out.value.double().sum()) + out.log_scale) == pytest.approx(float(torch.log(ref.sum())),
+                                                                                      rel=1e-6)
+    assert engine.affine_by_signs(model, "gamma")  # PReLU on flows >= 0 is the identity

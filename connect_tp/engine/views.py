@@ -55,7 +55,7 @@ _PARAMETER_FREE_MODULES = (
     nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
     nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
     nn.Flatten, nn.Unflatten, nn.ZeroPad2d, nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d,
-    nn.PixelShuffle, nn.PixelUnshuffle, nn.ChannelShuffle,
+    nn.PixelShuffle, nn.PixelUnshuffle, nn.ChannelShuffle, nn.Upsample,
 )
 
 
@@ -154,6 +154,8 @@ class _Pass:
             return x
         if isinstance(m, nn.Hardtanh):  # ReLU6 included; the ceiling is open (rules.open_clamp)
             return self.node(rules.open_clamp(x, m.min_val, m.max_val))
+        if isinstance(m, nn.PReLU) and self.view != "reach":  # positively homogeneous, slope |a| below 0
+            return self.node(Scaled(F.prelu(x.value, self.param(prefix + "weight")), x.log_scale))
         if self.view == "reach" and type(m) in _MAX_TO_AVG:
             # a max passes on one input per window; reachability needs every non-zero input
             if isinstance(m, (nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d)):
@@ -634,7 +636,9 @@ def _sign_rule(model: nn.Module, node: fx.Node, bn_flow: str) -> Optional[str]:
             return "keeps" if m.value >= 0 else "linear"
         if isinstance(m, _LINEAR_MODULES):  # |W|, |b|: no negative constant
             return "keeps"
-        if isinstance(m, (nn.ReLU, nn.LeakyReLU)):
+        if isinstance(m, nn.Upsample):  # nearest and (bi/tri)linear: convex combinations; bicubic is not
+            return "keeps" if m.mode in ("nearest", "linear", "bilinear", "trilinear") else "linear"
+        if isinstance(m, (nn.ReLU, nn.LeakyReLU, nn.PReLU)):
             return "relu"
         if isinstance(m, nn.Hardtanh):  # ReLU6 included
             return _clamp_sign_rule(m.min_val, m.max_val)
@@ -720,9 +724,9 @@ def _piece_rule(model: nn.Module, node: fx.Node, args: tuple, kwargs: dict) -> T
         m = model.get_submodule(target)
         if isinstance(m, nn.modules.batchnorm._BatchNorm):  # eval statistics: affine; batch statistics: not
             return ("linear" if m.running_mean is not None else None), first, None, None
-        if isinstance(m, _LINEAR_MODULES):
+        if isinstance(m, _LINEAR_MODULES) or isinstance(m, nn.Upsample):
             return "linear", first, None, None
-        if isinstance(m, (nn.ReLU, nn.LeakyReLU)):
+        if isinstance(m, (nn.ReLU, nn.LeakyReLU, nn.PReLU)):
             return "kinks", first, 0.0, None
         if isinstance(m, nn.Hardtanh):  # ReLU6 included; the signal view opens the ceiling
             return "kinks", first, m.min_val, rules.open_high(m.min_val, m.max_val)
