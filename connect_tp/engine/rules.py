@@ -279,6 +279,8 @@ def output_activations(model: nn.Module, graph: fx.Graph) -> Dict[fx.Node, str]:
         if node.op != "output":
             continue
         for n in _returned_nodes(node.args[0] if node.args else None):
+            if len(n.users) != 1:
+                continue  # also read inside the model (an argmax, a loss): keep it as it is
             if n.op == "call_module":
                 m = model.get_submodule(n.target)
                 if isinstance(m, _OUTPUT_MODULES):
