@@ -620,13 +620,11 @@ class ConnectImportance(tp.importance.TaylorImportance):
                         "single model input. Pass it explicitly: ConnectImportance(example_inputs=...)."
                     )
             inputs = _follow_model(inputs, model)
-            # The input structure is known now: keep it for this model and stop watching every forward pass.
-            self.example_inputs = self._recorded_inputs = _TensorSpec.of_batch(inputs)
+            self.example_inputs = self._recorded_inputs = _TensorSpec.of_batch(inputs)  # kept for this model
             self._input_model = weakref.ref(model)
-            if self._recorder is not None:
-                self._recorder.remove()
-                self._recorder = None
-            return inputs
+        if self._recorder is not None:  # the input is known (found, or given later as llm.LLMBlockPruner does):
+            self._recorder.remove()    # stop watching every forward pass
+            self._recorder = None
         return _follow_model(inputs, model)
 
     @staticmethod

@@ -511,3 +511,16 @@ def test_engine_path_and_the_fallback_warning(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # once
         imp(group)
+
+
+def test_an_input_given_after_construction_stops_the_recorder():
+    # llm.LLMBlockPruner sets example_inputs on an importance built without them
+    hooks_before = global_forward_hooks()
+    model = GroupedNet()
+    imp = ConnectImportance(balance=float("inf"))
+    assert global_forward_hooks() == hooks_before + 2
+    imp.example_inputs = torch.rand(1, 3, 8, 8)
+    graph = tp.DependencyGraph().build_dependency(model, example_inputs=torch.rand(1, 3, 8, 8))
+    imp(graph.get_pruning_group(model.conv3, tp.prune_conv_out_channels, idxs=list(range(12))))
+    assert global_forward_hooks() == hooks_before  # no hook left on every forward pass
+    assert imp.example_inputs.shape == (1, 3, 8, 8)
