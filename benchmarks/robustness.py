@@ -560,10 +560,11 @@ def read_results(roots: Sequence[str]) -> Tuple[List[Dict[str, Any]], List[Dict[
     Raises:
         SystemExit: the files were made with different protocols (summarize each on its own).
     """
-    trajs, bases, protocols = [], [], set()
+    trajs, bases, protocols = [], {}, set()
     for root in roots:
         for path in sorted(glob.glob(os.path.join(root, "bases", "seed*.json"))):
-            bases.append(_read_json(path))
+            base = _read_json(path)
+            bases.setdefault(base["seed"], base)  # the same base copied into several roots counts once
         for path in sorted(glob.glob(os.path.join(root, "traj", "*", "s*-d*.json"))):
             if path.endswith("-ft.json"):
                 continue
@@ -571,12 +572,19 @@ def read_results(roots: Sequence[str]) -> Tuple[List[Dict[str, Any]], List[Dict[
             ft = path[:-5] + "-ft.json"
             r["finetuned_acc"] = _read_json(ft)["finetuned_acc"] if os.path.exists(ft) else {}
             trajs.append(r)
-    for r in trajs + bases:
+    seen: Dict[Tuple[str, int, int], bool] = {}
+    for r in trajs:
+        key = (r["method"], r["seed"], r["draw"])
+        if key in seen:
+            raise SystemExit(f"error: {r['method']} on base {r['seed']}, draw {r['draw']}, is in two roots; "
+                             "summarize each copy once")
+        seen[key] = True
+    for r in trajs + list(bases.values()):
         protocols.add(json.dumps(r["protocol"], sort_keys=True))
     if len(protocols) > 1:
         raise SystemExit(f"error: these results were made with {len(protocols)} different protocols; "
                          "summarize each root on its own")
-    return trajs, bases
+    return trajs, [bases[s] for s in sorted(bases)]
 
 
 def summarize_method(trajs: Sequence[Dict[str, Any]], target: float) -> Dict[str, Any]:

@@ -306,3 +306,12 @@ def test_protect_adds_a_bonus_that_grows_as_a_layer_empties():
         assert float(bonus[0]) == pytest.approx(-math.log(1 - 1 / n))
     one = -math.log1p(-rb.SHARE_CEILING)
     assert one > 10  # the last channel of a layer: a large, finite bonus
+
+
+def test_read_results_refuses_a_trajectory_found_in_two_roots(tmp_path):
+    one, two = str(tmp_path / "a"), str(tmp_path / "b")
+    for root in (one, two):
+        _touch(rb.traj_path(root, "l2", 3, 0), _traj("l2", 3, 0))
+    assert len(rb.read_results([one])[0]) == 1
+    with pytest.raises(SystemExit, match="in two roots"):
+        rb.read_results([one, two])
