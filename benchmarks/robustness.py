@@ -724,7 +724,7 @@ def summarize(roots: Sequence[str], output: str, candidates: Optional[Sequence[s
     summary["rule"] = choose_default(summary, candidates, "connect", "acc_ft")
     envs = [r["environment"] for r in trajs]
     summary["environment"] = {"threads": sorted({e["threads"] for e in envs}),
-                              "accelerator": sorted({str(e["accelerator"]) for e in envs}),
+                              "accelerator": sorted({e["accelerator"] or "no GPU" for e in envs}),
                               "torch": sorted({e["torch"] for e in envs}),
                               "torch_pruning": sorted({str(e["torch_pruning"]) for e in envs}),
                               "cpus": sorted({e["cpus"] for e in envs}),
