@@ -508,3 +508,17 @@ def test_prelu_and_upsample_are_homogeneous_far_beyond_float32():
     assert float(torch.log(out.value.double().sum()) + out.log_scale) == pytest.approx(float(torch.log(ref.sum())),
                                                                                       rel=1e-6)
     assert engine.affine_by_signs(model, "gamma")  # PReLU on flows >= 0 is the identity
+
+
+@pytest.mark.parametrize("act", [nn.GELU(), nn.SiLU(), nn.ELU(alpha=0.5), nn.SELU(), nn.Mish()])
+def test_relu_like_activations_near_zero_take_their_slope_at_zero(act):
+    """Far below float32's smallest normal the activation is its slope at 0 (on each side of 0)."""
+    v = torch.tensor([[0.5, -0.25, 1.0, -1.0]])
+    got = engine.rules.relu_like(engine.Scaled(v, -200.0), act, *_slopes(act))
+    expected = act(v.double() * 1e-30) / 1e-30  # the function near 0, in float64
+    torch.testing.assert_close(got.value.double(), expected, rtol=1e-5, atol=0)
+    assert got.log_scale == -200.0
+
+
+def _slopes(act):
+    return engine.rules.RELU_LIKE_MODULES[type(act)](act)[1:]

@@ -78,20 +78,23 @@ def _gelu(approximate: str = "none") -> Callable[[torch.Tensor], torch.Tensor]:
     return lambda v: F.gelu(v, approximate=approximate)
 
 
-#: module type -> (function of the plain value, slope far above 0, slope at 0)
+_SELU_SCALE, _SELU_ALPHA = 1.0507009873554805, 1.6732632423543772
+#: module type -> (function of the plain value, slope far above 0, slope at 0: one number, or
+#: (right, left) where the two sides differ)
 RELU_LIKE_MODULES: Dict[type, Callable[[nn.Module], tuple]] = {
     nn.GELU: lambda m: (_gelu(m.approximate), 1.0, 0.5),
     nn.SiLU: lambda m: (F.silu, 1.0, 0.5),
     nn.Hardswish: lambda m: (F.hardswish, 1.0, 0.5),
     nn.Mish: lambda m: (F.mish, 1.0, math.tanh(math.log(2.0))),
-    nn.ELU: lambda m: ((lambda v: F.elu(v, m.alpha)), 1.0, 1.0),
+    nn.ELU: lambda m: ((lambda v: F.elu(v, m.alpha)), 1.0, (1.0, m.alpha)),
     nn.CELU: lambda m: ((lambda v: F.celu(v, m.alpha)), 1.0, 1.0),
-    nn.SELU: lambda m: (F.selu, 1.0507009873554805, 1.0507009873554805),
+    nn.SELU: lambda m: (F.selu, _SELU_SCALE, (_SELU_SCALE, _SELU_SCALE * _SELU_ALPHA)),
 }
 RELU_LIKE_FUNCTIONS = {F.gelu, F.silu, F.hardswish, F.mish, F.elu, F.celu, F.selu}
 RELU_LIKE_METHODS = {"gelu"}
 _SLOPES = {F.gelu: (1.0, 0.5), F.silu: (1.0, 0.5), F.hardswish: (1.0, 0.5), F.mish: (1.0, math.tanh(math.log(2.0))),
-           F.elu: (1.0, 1.0), F.celu: (1.0, 1.0), F.selu: (1.0507009873554805, 1.0507009873554805), "gelu": (1.0, 0.5)}
+           F.elu: (1.0, 1.0), F.celu: (1.0, 1.0), F.selu: (_SELU_SCALE, (_SELU_SCALE, _SELU_SCALE * _SELU_ALPHA)),
+           "gelu": (1.0, 0.5)}
 
 
 def relu_like_function(target: Any, args: tuple, kwargs: dict) -> tuple:
@@ -105,22 +108,28 @@ def relu_like_function(target: Any, args: tuple, kwargs: dict) -> tuple:
     elif target in (F.elu, F.celu):
         alpha = arg(1, "alpha", 1.0)
         fn = lambda v: target(v, alpha)  # noqa: E731
+        if target is F.elu:  # slope alpha left of 0 (CELU's is 1 on both sides)
+            return fn, 1.0, (1.0, alpha)
     else:
         fn = target  # silu, hardswish, mish, selu: no parameter but the inplace flag
     return (fn,) + _SLOPES[target]
 
 
-def relu_like(x: Scaled, fn: Callable[[torch.Tensor], torch.Tensor], slope_high: float, slope_zero: float) -> Scaled:
-    """An activation that is ``slope_high * x`` far above 0, 0 far below and ``slope_zero * x`` near 0.
+def relu_like(x: Scaled, fn: Callable[[torch.Tensor], torch.Tensor], slope_high: float, slope_zero: Any) -> Scaled:
+    """An activation that is ``slope_high * x`` far above 0, about 0 far below and ``slope_zero * x`` near 0.
 
-    Exact where ``value * e^log_scale`` fits the dtype; otherwise every entry of any weight is far
-    from 0 (the scale is beyond e^88 in float32) or all are near it (below e^-79), where the
-    asymptote is the function to rounding.
+    Exact where ``value * e^log_scale`` fits the dtype. Otherwise the scale is beyond e^88 (float32),
+    where every entry that is not negligible next to the largest is far from 0, or below e^-79,
+    where all are near 0; there the asymptote is the function to rounding. ``slope_zero`` is one
+    number, or ``(right, left)`` for an activation whose two sides differ at 0 (ELU, SELU).
     """
     finfo = torch.finfo(x.value.dtype)
     if x.log_scale > math.log(finfo.max):
         return Scaled(F.relu(x.value) * slope_high if slope_high != 1.0 else F.relu(x.value), x.log_scale)
     if x.log_scale < math.log(finfo.tiny) + 8:
+        if isinstance(slope_zero, tuple):
+            right, left = slope_zero
+            return Scaled(torch.where(x.value > 0, x.value * right, x.value * left), x.log_scale)
         return Scaled(x.value * slope_zero, x.log_scale)
     return Scaled(fn(x.materialized())).renormalized()
 
