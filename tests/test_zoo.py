@@ -162,7 +162,8 @@ def test_zoo_prunes_with_connect(name, mode):
 
 def test_shufflenet_fails_inside_torch_pruning_for_taylor_too():
     """ShuffleNetV2 cannot be pruned by Torch-Pruning 1.6 with any importance (its channel shuffle
-    raises ZeroDivisionError while the pruner builds its groups); ConnectImportance is not involved."""
+    reshape makes the dependency graph divide by zero while the pruner is built); ConnectImportance is not
+    involved."""
     model = torchvision.models.shufflenet_v2_x0_5(num_classes=10).eval()
     example = torch.rand(1, 3, 32, 32)
     try:
