@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch_pruning as tp
 
-import connect_tp.importance as importance_module
+import connect_tp.scoring.gradient as gradient_module
 from connect_tp import ConnectImportance, engine
 from connect_tp.connectivity import log_connectivity
 from connect_tp.models import resnet20
@@ -83,7 +83,7 @@ def test_chunked_gradient_is_that_of_log_mean_phi_at_extreme_scales(monkeypatch,
     ref_log = torch.log(out.sum(1).mean())
     ref_grads = torch.autograd.grad(ref_log, list(leaves.values()))
     # the random inputs are uniform in [0, 1): put these per-sample scales in their place
-    monkeypatch.setattr(importance_module, "connectivity_inputs", lambda model_, inputs, n, generator=None: x[:n].clone())
+    monkeypatch.setattr(gradient_module, "connectivity_inputs", lambda model_, inputs, n, generator=None: x[:n].clone())
     for chunk_size in (None, 1, 2, 3):
         imp = ConnectImportance(n_samples=4, chunk_size=chunk_size, example_inputs=torch.zeros(1, 6))
         fresh = {n: p.detach().requires_grad_(True) for n, p in params.items()}
@@ -217,7 +217,7 @@ def test_kinked_samples_are_each_differentiated(monkeypatch):
     """Where the check fails, the importance differentiates every input: the plain n-sample result."""
     model = _relu_net_with_a_kink_between_samples()
     x = torch.tensor([[0.1, 0.1], [0.9, 0.9], [0.5, 0.2]])
-    monkeypatch.setattr(importance_module, "connectivity_inputs", lambda model_, inputs, n, generator=None: x[:n].clone())
+    monkeypatch.setattr(gradient_module, "connectivity_inputs", lambda model_, inputs, n, generator=None: x[:n].clone())
     imp = ConnectImportance(n_samples=3, bn_flow="stats", example_inputs=torch.zeros(1, 2))  # the kink is a running mean
     params = dict(model.named_parameters())
     leaves = {n: p.detach().clone().requires_grad_(True) for n, p in params.items()}
@@ -237,7 +237,7 @@ def test_kinked_samples_are_each_differentiated(monkeypatch):
 
 def _shortcut_against_every_sample(model, x, monkeypatch):
     """(used the mean input?, max |gradient difference| against differentiating every sample)."""
-    monkeypatch.setattr(importance_module, "connectivity_inputs", lambda model_, inputs, n, generator=None: x[:n].clone())
+    monkeypatch.setattr(gradient_module, "connectivity_inputs", lambda model_, inputs, n, generator=None: x[:n].clone())
     results = []
     for shortcut in (True, False):
         with monkeypatch.context() as m:

@@ -372,7 +372,7 @@ def test_cat_with_a_negative_constant_is_not_sign_keeping(monkeypatch):
     """The sign proof used to call cat([flow, coordinates]) non-negative: ReLUs after it were
     taken for the identity, the mean input was differentiated, and the gradient was off."""
     from connect_tp import ConnectImportance
-    from connect_tp import importance as importance_module
+    from connect_tp.scoring import gradient as importance_module
 
     torch.manual_seed(0)
     model = _CoordConv().eval()

@@ -9,8 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch_pruning as tp
 
-import connect_tp.importance as importance_module
-from connect_tp import ConnectImportance
+from connect_tp import ConnectImportance, engine
 from connect_tp.models import resnet20
 
 
@@ -160,8 +159,8 @@ def test_taylor_mode_installs_no_hooks():
 
 def test_connectivity_is_measured_once_per_step(monkeypatch):
     calls = []
-    real = importance_module.engine.run_traced  # both measurement routes run the engine's pass
-    monkeypatch.setattr(importance_module.engine, "run_traced", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = engine.run_traced  # both measurement routes run the engine's pass
+    monkeypatch.setattr(engine, "run_traced", lambda *a, **k: calls.append(1) or real(*a, **k))
     model = resnet20(num_classes=10)
     example = torch.randn(1, 3, 32, 32)
     pruner = tp.pruner.MetaPruner(model, example, importance=ConnectImportance(lam=1e-3, example_inputs=example),
@@ -306,8 +305,6 @@ class Heads(nn.Module):
 
 
 def test_trace_is_keyed_by_what_it_bakes_in():
-    from connect_tp import engine
-
     def constants(graph):  # (heads, kept width): reshape(x, batch, heads, -1) and the slice's stop
         reshape = next(n for n in graph.nodes if n.target == "reshape")
         getitem = next(n for n in graph.nodes if n.target is operator.getitem and isinstance(n.args[1], tuple))
@@ -498,10 +495,10 @@ def test_engine_path_and_the_fallback_warning(monkeypatch):
     assert imp.engine_path == "scaled-float32"
 
     def refuse(*args, **kwargs):
-        raise importance_module.engine.NeedsFallback("node 'gelu' does not fit float32")
+        raise engine.NeedsFallback("node 'gelu' does not fit float32")
 
-    monkeypatch.setattr(importance_module.engine, "run_traced", refuse)
-    monkeypatch.setattr(importance_module.engine, "affine_on_samples", refuse)
+    monkeypatch.setattr(engine, "run_traced", refuse)
+    monkeypatch.setattr(engine, "affine_on_samples", refuse)
     imp = ConnectImportance(balance=float("inf"), example_inputs=example)
     with pytest.warns(RuntimeWarning, match=r"node 'gelu' does not fit float32.*general pass"):
         got = imp(group)
