@@ -5,11 +5,12 @@ five. This benchmark runs every criterion on several base models (seeds) and sev
 draws per base, and reports per criterion the mean, the worst trajectory and the number of
 *collapsed* trajectories (:func:`collapse_reasons`) at 8x and 16x MAC speed-up.
 
-    # everything: base models, then prune-only trajectories, then fine-tunings (one command, resumable)
+    # base models, then every trajectory with its fine-tuning epoch (one command, resumable)
     python -m benchmarks.robustness run --seeds 3 4 5 6 7 --draws 0 1 --workers 15 --device cuda \\
-        --deadline 470 --root runs/robustness --data-dir .fmnist
-    # tables: benchmarks/results/robustness/{summary.json,table.md}
-    python -m benchmarks.robustness summarize runs/robustness --output benchmarks/results/robustness
+        --prune-device auto --methods connect l2 l1 --finetune connect l2 l1 --deadline 420 \\
+        --hard-deadline 490 --root runs/robustness --data-dir .fmnist
+    # tables: OUTPUT/{summary.json,table.md}, the worst case beside the mean, and the rule's verdict
+    python -m benchmarks.robustness summarize runs/robustness --output benchmarks/results/robustness/NAME
 
 Protocol (the ``ranking-cosine`` preset's recipe; docs/benchmarks.md, "Does the default collapse on base
 models it was not chosen on?"):
