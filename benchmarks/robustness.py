@@ -71,7 +71,8 @@ VARIANTS = {
     "protect": "a last-channels guard: each channel's score plus -log(1 - s), s its share of the flow "
                "through its layer (the exact loss of log phi when it goes), which grows without bound as "
                "a layer empties",
-    "gos": "BatchNorm in phi as its linear scale |gamma| / sqrt(running_var + eps), without the shift",
+    "gos": "BatchNorm in phi as its linear scale |gamma| / sqrt(running_var + eps), without the shift "
+           "(bn_flow='scale'; 'connect-kinf+gos' is 'connect-kinf-bnscale')",
     "guard": "bn_flow='stats' with each BatchNorm's running variance floored at "
              "GUARD_FLOOR x its layer's median, so a near-constant channel cannot dominate phi",
 }
@@ -284,13 +285,13 @@ def _variant_class(variants: Sequence[str]):
         def __init__(self, **options):
             if "held" in variants:  # the library's option (it refuses a balance of 0 or inf, or lam=)
                 options["balance_schedule"] = "every_step"
+            if "gos" in variants:  # the library's bn_flow="scale" (the suffix predates its public name)
+                options["bn_flow"] = "scale"
             super().__init__(**options)
             self.variants = tuple(variants)
             if "guard" in variants and self.bn_flow != "stats":
                 raise ValueError(f"+guard floors the running variances of bn_flow='stats'; this method has "
                                  f"bn_flow={self.bn_flow!r} (name it without -bn, or with -bnstats)")
-            if "gos" in variants:
-                self.bn_flow = "gamma_over_sigma"  # the engine's linear-scale mode (no public name yet)
             self.lam_history: List[float] = []
 
         def _full_refresh(self, model, graph=None, resolve=True):

@@ -170,7 +170,7 @@ def _add_target_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("what to prune")
     g.add_argument("--methods", nargs="+", type=_method, default=None, metavar="METHOD",
                    help=f"pruning criteria (default: the preset's): {', '.join(PRUNING_METHODS)}, "
-                        "or connect-k<kappa>[-bn<stats|gamma|identity>] / connect-lam<lambda>; connect, taylor, l1 "
+                        "or connect-k<kappa>[-bn<stats|gamma|scale|identity>] / connect-lam<lambda>; connect, taylor, l1 "
                         "and l2 may end in -norm<mean|sum|max|none|...> (Torch-Pruning's normalizer)")
     g.add_argument("--speed-up", nargs="+", type=_speed_up, default=None, dest="speed_ups", metavar="X",
                    help="MAC speed-up targets, finite and > 1 (default: the preset's)")

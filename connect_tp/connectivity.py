@@ -36,6 +36,8 @@ import torch.nn as nn
 from torch.func import functional_call
 from torch.overrides import TorchFunctionMode
 
+from . import engine  # the engine knows nothing of this module (tests/test_import_layers.py)
+
 __all__ = [
     "BN_FLOWS",
     "ConnectivityError",
@@ -58,12 +60,14 @@ class ConnectivityError(ValueError):
 CENTRED_TOLERANCE = 1e-4
 
 
-BN_FLOWS = ("stats", "gamma", "identity")
-"""How an eval-mode BatchNorm enters the signal flow (the paper does not say; README, "BatchNorm").
+BN_FLOWS = ("stats", "gamma", "scale", "identity")
+"""How an eval-mode BatchNorm enters the signal flow (the paper does not say; docs/assumptions.md).
 
 - ``"stats"``: the layer as it runs, ``|gamma| (x - mean) / sqrt(var + eps) + |beta|`` with the
   real running statistics. A nearly constant channel (tiny running variance) gets a huge flow.
 - ``"gamma"``: ``|gamma| x``, a pure path sum: the BN scale is an edge weight, no shift.
+- ``"scale"``: ``|gamma| x / sqrt(var + eps)``, the layer's linear part as an edge weight, without
+  the shift: a pure path sum that, unlike ``"gamma"``, sees how much the layer amplifies.
 - ``"identity"``: BatchNorm is skipped, as the paper's appendix B does for the regularizer.
 """
 
@@ -73,9 +77,10 @@ def bn_flow_overrides(model: nn.Module, bn_flow: str,
     """Parameter and buffer replacements that make every BatchNorm behave as ``bn_flow`` says.
 
     Returns ``{name: tensor}`` entries for :func:`torch.func.functional_call`; empty for
-    ``"stats"``. The running mean becomes 0 and the running variance ``1 - eps`` (so the
-    normalization divides by exactly 1); ``"gamma"`` also drops ``beta``, ``"identity"`` also
-    replaces ``gamma`` by 1 (the connectivity then has no gradient with respect to ``gamma``).
+    ``"stats"``. The running mean becomes 0 and ``beta`` 0 (no shift); the running variance
+    becomes ``1 - eps`` (so the normalization divides by exactly 1) except for ``"scale"``, which
+    keeps it; ``"identity"`` also replaces ``gamma`` by 1 (the connectivity then has no gradient
+    with respect to ``gamma``).
     """
     if bn_flow not in BN_FLOWS:
         raise ValueError(f"unknown bn_flow {bn_flow!r}; choose one of {BN_FLOWS}")
@@ -87,7 +92,8 @@ def bn_flow_overrides(model: nn.Module, bn_flow: str,
             continue
         prefix = f"{name}." if name else ""
         overrides[prefix + "running_mean"] = torch.zeros_like(m.running_mean)
-        overrides[prefix + "running_var"] = torch.full_like(m.running_var, 1.0 - m.eps)
+        if bn_flow != "scale":
+            overrides[prefix + "running_var"] = torch.full_like(m.running_var, 1.0 - m.eps)
         if m.affine:
             overrides[prefix + "bias"] = torch.zeros_like(m.bias)
             if bn_flow == "identity":
@@ -378,7 +384,7 @@ class _AbsWhileRunning(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if not self.signed_read:
-            for t in _flatten((args, kwargs)):
+            for t in engine.nested_leaves((args, kwargs)):
                 if isinstance(t, torch.Tensor) and id(t) in self.signed:
                     self.signed_read = True
                     break
@@ -415,8 +421,9 @@ class _AbsWhileRunning(TorchFunctionMode):
     def __exit__(self, *exc) -> None:
         try:
             for module in list(self.saved):  # an exception skipped some forward hooks
-                while module in self.saved:
+                while self.saved.get(module):
                     self._exit(module, (), None)
+                self.saved.pop(module, None)  # an empty stack left by an exception inside _enter
             for handle in self.handles:
                 handle.remove()
         finally:
@@ -487,9 +494,7 @@ class _explained_input_errors:
         return None
 
     def __exit__(self, kind, exc, tb) -> bool:
-        from .engine import NeedsFallback
-
-        if exc is None or isinstance(exc, (NeedsFallback, ConnectivityError)) or \
+        if exc is None or isinstance(exc, (engine.NeedsFallback, ConnectivityError)) or \
                 not isinstance(exc, (RuntimeError, IndexError, ValueError)):
             return False
         described = "; ".join(describe_inputs(self.inputs)) or repr(self.inputs)
@@ -511,7 +516,6 @@ def _measure_traced(model: nn.Module, params: Mapping[str, torch.Tensor], inputs
                     bn_flow: str) -> Optional[Tuple[torch.Tensor, float, float]]:
     """:func:`_measure` through the engine's traced pass: ``(phi / e^s, magnitude / e^s, s)``, or
     ``None`` when the model needs the traced-free path (untraceable, or not exactly representable)."""
-    from . import engine  # the engine knows nothing of this module; imported here to keep it that way
 
     try:
         with _EvalMode(model), _explained_input_errors(inputs):
@@ -529,11 +533,10 @@ def _measure_traced(model: nn.Module, params: Mapping[str, torch.Tensor], inputs
 def traced_output(out: Any) -> Tuple[torch.Tensor, Optional[float]]:
     """The output tensor of an engine pass (:func:`output_tensor` of its plain values) and its log
     scale (``None`` when that tensor is not a scaled flow, e.g. a constant output)."""
-    from . import engine
 
-    plain = engine._map(out, lambda o: o.value if isinstance(o, engine.Scaled) else o)
+    plain = engine.map_nested(out, lambda o: o.value if isinstance(o, engine.Scaled) else o)
     tensors = _output_tensors(plain)
-    flows = [o for o in _flatten(out) if isinstance(o, engine.Scaled)]
+    flows = [o for o in engine.nested_leaves(out) if isinstance(o, engine.Scaled)]
     scales = [next((o.log_scale for o in flows if o.value is t), None) for t in tensors]
     if len(tensors) == 1:
         return tensors[0], scales[0]
@@ -543,14 +546,6 @@ def traced_output(out: Any) -> Tuple[torch.Tensor, Optional[float]]:
     # underflows to 0 there, as its share of phi_tot does)
     top = max(scales)
     return torch.cat([t.reshape(t.shape[0], -1) * math.exp(s - top) for t, s in zip(tensors, scales)], 1), top
-
-
-def _flatten(obj: Any) -> List[Any]:
-    if isinstance(obj, (tuple, list)):
-        return [x for o in obj for x in _flatten(o)]
-    if isinstance(obj, Mapping):
-        return [x for o in obj.values() for x in _flatten(o)]
-    return [obj]
 
 
 #: Operations that only move or relabel values; the layer that produced an output is the last
@@ -690,8 +685,6 @@ def log_connectivity(
 def _where_the_flow_is_lost(model: nn.Module, inputs: Any, params: Mapping[str, torch.Tensor],
                             bn_flow: str) -> Dict[str, str]:
     """:func:`connect_tp.engine.locate_flow_loss` for an error message (empty when untraceable)."""
-    from . import engine
-
     with _EvalMode(model):
         if engine.traced_graph(model) is None:
             return {}

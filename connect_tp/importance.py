@@ -132,7 +132,7 @@ class ConnectImportance(RecordedInputs, CachedGradient, ConnectivityGradient, Ch
         batchnorm: also score the affine parameters of BatchNorm/GroupNorm layers. Off by default,
             which matches ``GroupTaylorImportance`` (its normalization branch never fires for
             BatchNorm); on, a channel whose BN scale carries its signal gets that credit too.
-        bn_flow: how BatchNorm enters phi_tot: "stats", "gamma" or "identity"
+        bn_flow: how BatchNorm enters phi_tot: "stats", "gamma", "scale" or "identity"
             (:data:`connect_tp.connectivity.BN_FLOWS`).
         target_types: layer types that are scored.
         seed: seed of the random connectivity inputs (an int >= 0, or ``None``: torch's global

@@ -1002,7 +1002,8 @@ def count_linear_macs(model: nn.Module, seq_len: int = 128) -> int:
     finally:
         for h in handles:
             h.remove()
-    for shape, head_dim in (_shape(model, model_family(model), layer) for layer in decoder_layers(model)):
+    family = model_family(model)
+    for shape, head_dim in (_shape(model, family, layer) for layer in decoder_layers(model)):
         macs[0] += 2 * shape.num_attention_heads * head_dim * seq_len * seq_len
     return macs[0]
 

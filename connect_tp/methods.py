@@ -7,7 +7,7 @@ every number a name carries (a balance ``kappa >= 0``, a finite ``lambda >= 0``)
 refused before any model or data is loaded.
 
 ``connect`` takes options in its name: ``connect-k<kappa>`` (balance, ``inf`` allowed),
-``connect-lam<lambda>`` (the absolute form) and ``-bn<stats|gamma|identity>``, e.g.
+``connect-lam<lambda>`` (the absolute form) and ``-bn<stats|gamma|scale|identity>``, e.g.
 ``connect-k3-bngamma``. ``connect``, ``taylor``, ``l1`` and ``l2`` also take ``-norm<normalizer>``
 last (:data:`NORMALIZER_NAMES`), Torch-Pruning's per-group score normalization (``mean`` when
 absent, its default and the protocol's), e.g. ``connect-k100-bngamma-normsum`` or ``l1-normsum``.
@@ -39,7 +39,7 @@ NORMALIZER_NAMES = ("mean", "sum", "max", "none", "standarization", "gaussian")
 MAX_LAMBDA = 1e12
 """Largest ``-lam<lambda>`` a name may give (:data:`connect_tp.importance.MAX_LAMBDA`, kept torch-free here)."""
 
-BN_FLOW_NAMES = ("stats", "gamma", "identity")
+BN_FLOW_NAMES = ("stats", "gamma", "scale", "identity")
 """BatchNorm treatments a ``-bn<flow>`` suffix may name (:data:`connect_tp.connectivity.BN_FLOWS`)."""
 
 _NORMALIZABLE = ("connect", "taylor", "l1", "l2")  # the others fix their own normalization (LAMP) or have none
@@ -76,7 +76,7 @@ def parse_method(method: str) -> Tuple[str, Dict[str, Any]]:
     match = _CONNECT_SPEC.match(method)
     if match is None:
         raise ValueError(f"unknown pruning method {method!r}; choose one of {list(PRUNING_METHODS)}, or "
-                         "connect-k<kappa>[-bn<stats|gamma|identity>] / connect-lam<lambda>[-bn...], each "
+                         "connect-k<kappa>[-bn<stats|gamma|scale|identity>] / connect-lam<lambda>[-bn...], each "
                          "optionally ending in -norm<normalizer>")
     options: Dict[str, Any] = {}
     try:

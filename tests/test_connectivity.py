@@ -9,6 +9,7 @@ import torch.nn as nn
 
 from connect_tp import engine
 from connect_tp.connectivity import (
+    BN_FLOWS,
     ConnectivityError,
     connectivity_inputs,
     log_connectivity,
@@ -418,3 +419,35 @@ def test_wrong_input_shape_names_the_input_and_its_shape():
         log_connectivity(model, torch.rand(1, 1, 8, 8))
     with pytest.raises(ValueError, match=r"input: shape \(4, 3, 9, 9\)"):
         log_connectivity(model, torch.rand(1, 3, 9, 9))
+
+
+@pytest.mark.parametrize("bn_flow", BN_FLOWS)
+def test_both_paths_treat_batchnorm_alike(bn_flow):
+    # the traced engine and the traced-free functional_call path (dtype given) apply bn_flow each
+    # their own way; on a network where every treatment keeps the flow positive they must agree
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 16, 3))
+    with torch.no_grad():
+        model[1].weight.uniform_(-2, 2)
+        model[1].bias.uniform_(0.5, 1.0)
+        model[1].running_mean.uniform_(-1.0, 0.0)  # negative: the "stats" shift is positive
+        model[1].running_var.uniform_(0.01, 4.0)   # far from 1: "scale" differs from "gamma"
+    x = torch.zeros(1, 2, 6, 6)
+    traced = log_connectivity(model, x, n_samples=3, bn_flow=bn_flow)
+    functional = log_connectivity(model, x, n_samples=3, bn_flow=bn_flow, dtype=torch.float64)
+    assert traced.item() == pytest.approx(functional.item(), rel=1e-5)
+
+
+def test_scale_divides_gamma_by_sigma():
+    # "scale" is "gamma" with every BatchNorm weight divided by sqrt(running_var + eps): here one
+    # BatchNorm sits in a bias-free linear chain, so every path passes it once and log phi moves by
+    # exactly log(1 / sigma) when all sigmas agree
+    model = nn.Sequential(nn.Linear(3, 4, bias=False), nn.BatchNorm1d(4), nn.Linear(4, 2, bias=False))
+    with torch.no_grad():
+        model[1].running_var.fill_(9.0 - model[1].eps)  # sigma = 3
+    x = torch.zeros(1, 3)
+    gamma = log_connectivity(model, x, n_samples=2, bn_flow="gamma", dtype=torch.float64)
+    scale = log_connectivity(model, x, n_samples=2, bn_flow="scale", dtype=torch.float64)
+    traced = log_connectivity(model, x, n_samples=2, bn_flow="scale")
+    assert scale.item() == pytest.approx(gamma.item() - math.log(3.0), abs=1e-6)  # float32 running_var
+    assert traced.item() == pytest.approx(scale.item(), rel=1e-6)

@@ -163,6 +163,7 @@ def test_chunk_size_defaults_to_one_pass():
 # ----------------------------------------------------------------------------- the mean-input shortcut
 @pytest.mark.parametrize("bn_flow,means,shortcut", [
     ("gamma", "signed", True),      # no shifts: a ReLU network of |W| is affine on inputs >= 0
+    ("scale", "signed", True),      # no shifts either, only a positive factor per channel
     ("stats", "negative", True),    # the running means only add to the signal: no kink is reached
     ("stats", "signed", None),      # some kinks may fall between the samples: whichever path, same scores
 ])
@@ -350,6 +351,8 @@ def test_proved_graphs_skip_the_sample_pass(monkeypatch):
     F.cross_entropy(model(torch.rand(8, 3, 32, 32)), torch.randint(0, 10, (8,))).backward()
     short, imp = scores(model, balance=1.0, n_samples=4, bn_flow="gamma")
     assert imp.used_mean_sample and calls == []
+    scores(model, balance=1.0, n_samples=4, bn_flow="scale")
+    assert calls == []
     scores(model, balance=1.0, n_samples=4, bn_flow="stats")
     assert calls == [1]
     with monkeypatch.context() as m:

@@ -10,7 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from connect_tp import engine
-from connect_tp.connectivity import log_connectivity, log_connectivity_and_dtype
+from connect_tp.connectivity import BN_FLOWS, log_connectivity, log_connectivity_and_dtype
 from connect_tp.models import resnet110
 from connect_tp.pruning import layer_report, signal_flow
 from connect_tp.sparsity import sparsity_report
@@ -215,6 +215,18 @@ def test_zero_batchnorm_scales_read_the_same_in_every_report():
 
 
 # ------------------------------------------------------------------ rules of the signal view
+def _growing_linears(depth, act=None):
+    """``depth`` 16-wide linear layers with weights in [0.5, 1): the flow grows about e^2.5 per layer,
+    far beyond float32's range after 40 layers; ``act`` follows every layer when given."""
+    layers = []
+    for _ in range(depth):
+        lin = nn.Linear(16, 16)
+        with torch.no_grad():
+            lin.weight.uniform_(0.5, 1.0)
+        layers += [lin, act] if act is not None else [lin]
+    return layers
+
+
 def _abs_forward64(model, x, **swap):
     """The plain forward of ``model`` in float64 with every parameter replaced by its absolute value."""
     params = {n: p.detach().double().abs().requires_grad_(True) for n, p in model.named_parameters()}
@@ -296,13 +308,7 @@ def test_relu_like_activations_are_exact_far_beyond_float32(act):
     """An 80-layer MLP reaches a scale near e^200: the float32 engine takes the activation's
     asymptote there (exact to rounding) instead of falling back, and matches float64."""
     torch.manual_seed(0)
-    layers = []
-    for _ in range(80):
-        lin = nn.Linear(16, 16)
-        with torch.no_grad():
-            lin.weight.uniform_(0.5, 1.0)
-        layers += [lin, act]
-    model = nn.Sequential(*layers, nn.Linear(16, 2)).eval()
+    model = nn.Sequential(*_growing_linears(80, act), nn.Linear(16, 2)).eval()
     x = torch.rand(3, 16)
     out, _ = engine.run_traced(model, x)  # raises NeedsFallback if a rule is missing
     flow = engine.output_flow(out)
@@ -402,7 +408,7 @@ class _BatchNormAct(nn.BatchNorm2d):
                                        self.training, self.momentum, self.eps))
 
 
-@pytest.mark.parametrize("bn_flow", ["stats", "gamma", "identity"])
+@pytest.mark.parametrize("bn_flow", BN_FLOWS)
 def test_functional_batchnorm_reads_like_the_module(bn_flow):
     torch.manual_seed(0)
     plain = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 36, 2))
@@ -448,13 +454,7 @@ def test_an_operation_without_a_rule_names_itself_when_it_cannot_run():
     """Beyond float32's range an operation without a rule cannot run on the plain value: the
     engine says which module, so the importance's fallback warning can name it."""
     torch.manual_seed(0)
-    layers = []
-    for _ in range(60):
-        lin = nn.Linear(16, 16)
-        with torch.no_grad():
-            lin.weight.uniform_(0.5, 1.0)
-        layers.append(lin)
-    model = nn.Sequential(*layers, nn.Softplus(), nn.Linear(16, 2))
+    model = nn.Sequential(*_growing_linears(60), nn.Softplus(), nn.Linear(16, 2))
     with pytest.raises(engine.NeedsFallback, match=r"module '60' \(Softplus\) has no signal-flow rule"):
         engine.run_traced(model, torch.rand(2, 16))
 

@@ -23,7 +23,7 @@ import torch_pruning as tp
 
 from connect_tp import ConnectImportance
 from connect_tp.importance import DEFAULT_BN_FLOW
-from connect_tp.connectivity import log_connectivity
+from connect_tp.connectivity import BN_FLOWS, log_connectivity
 
 SHAPE = (3, 8, 8)
 
@@ -78,6 +78,8 @@ def oracle_log_phi(p, buffers, x, bn_flow):
         h = (h - buffers["bn1.running_mean"][:, None, None]) * scale[:, None, None] + a["bn1.bias"][:, None, None]
     elif bn_flow == "gamma":
         h = h * a["bn1.weight"][:, None, None]
+    elif bn_flow == "scale":
+        h = h * (a["bn1.weight"] / torch.sqrt(buffers["bn1.running_var"] + 1e-5))[:, None, None]
     h = torch.relu(h)
     h = torch.relu(F.conv2d(h, a["conv2.weight"], a["conv2.bias"], padding=1, groups=2))
     h = torch.relu(F.conv2d(h, a["dw.weight"], a["dw.bias"], padding=1, groups=8))
@@ -152,7 +154,7 @@ def assert_scores(imp, model, expected, dtype):
 
 # ------------------------------------------------------------------------------------- scores
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("bn_flow", ["stats", "gamma", "identity"])
+@pytest.mark.parametrize("bn_flow", BN_FLOWS)
 # The balanced lambda of this network (kappa = 1) is about 0.035: the list spans loss-dominated to
 # connectivity-dominated scores.
 @pytest.mark.parametrize("lam", [0.01, 0.05, 0.3, 3.0])
@@ -274,6 +276,8 @@ def bn_as_affine(bn, bn_flow):
         return gamma / s, beta - gamma * bn.running_mean / s
     if bn_flow == "gamma":
         return gamma, torch.zeros_like(beta)
+    if bn_flow == "scale":
+        return gamma / torch.sqrt(bn.running_var + bn.eps), torch.zeros_like(beta)
     return torch.ones_like(gamma), torch.zeros_like(beta)
 
 
@@ -316,7 +320,7 @@ def path_sum(model, x, bn_flow):
     return total / x.shape[0]
 
 
-@pytest.mark.parametrize("bn_flow", ["stats", "gamma", "identity"])
+@pytest.mark.parametrize("bn_flow", BN_FLOWS)
 def test_connectivity_equals_brute_force_path_sum(bn_flow):
     model = small_net()
     x = torch.rand((3, 3), generator=torch.Generator().manual_seed(5)).double()
@@ -327,7 +331,7 @@ def test_connectivity_equals_brute_force_path_sum(bn_flow):
     assert math.exp(got.item()) == pytest.approx(expected, rel=1e-12)
 
 
-@pytest.mark.parametrize("bn_flow", ["stats", "gamma", "identity"])
+@pytest.mark.parametrize("bn_flow", BN_FLOWS)
 def test_data_free_scores_equal_brute_force_gradients(bn_flow):
     model = small_net()
     x = torch.rand((3, 3), generator=torch.Generator().manual_seed(5)).double()

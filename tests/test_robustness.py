@@ -233,7 +233,7 @@ def test_scoring_variants_refuse_options_that_make_no_sense():
     with pytest.raises(ValueError, match="not a connect method"):
         rb.build("l2+protect", example, 0)
     imp, options = rb.build("connect-k100+gos+refresh", example, 0)
-    assert imp.bn_flow == "gamma_over_sigma" and options == {"bn_refresh_every": 1}
+    assert imp.bn_flow == "scale" and options == {"bn_refresh_every": 1}
 
 
 def _bn_model():

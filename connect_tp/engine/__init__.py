@@ -49,7 +49,7 @@ float64 retries.
 The package, by idea:
 
 * :mod:`.scaled`: :class:`Scaled`, :class:`NeedsFallback`, :class:`Binarize` and the arithmetic of
-  scaled flows (``_map``, ``_wrap``, ``_materialize``, ``_affine``, ``_add``, ...).
+  scaled flows (``map_nested``, ``nested_leaves``, ``_wrap``, ``_materialize``, ``_affine``, ``_add``, ...).
 * :mod:`.trace`: :func:`traced_graph` (the cached ``torch.fx`` trace) and the folding of an eval
   BatchNorm into the convolution it reads (``_AbsFoldedConv``).
 * :mod:`.views`: :data:`VIEWS`, the pass (``_Pass``, the node policy of the ``"signal"``,
@@ -74,7 +74,7 @@ the signal view's inputs and checks its result.
 from . import appendix_b as _appendix_b, rules, scaled as _scaled, trace as _tracing, views as _views
 from .appendix_b import AppendixBGraph, LeafTracer, UnsupportedModuleError
 from .rules import ConnectivityRuleWarning
-from .scaled import Binarize, NeedsFallback, Scaled
+from .scaled import Binarize, NeedsFallback, Scaled, map_nested, nested_leaves
 from .trace import traced_graph
 from .views import (APPENDIX_B_VIEWS, VIEWS, affine_by_signs, affine_on_samples, layer_flows, locate_flow_loss,
                     output_flow, run_traced)
@@ -86,7 +86,6 @@ __all__ = ["APPENDIX_B_VIEWS", "AppendixBGraph", "Binarize", "ConnectivityRuleWa
 # Names outside __all__ that callers read as ``engine.X`` (as when the engine was one module).
 Handler = _appendix_b.Handler
 appendix_b_module_kind = _appendix_b.appendix_b_module_kind
-_map = _scaled._map
 _materialize = _scaled._materialize
 _wrap = _scaled._wrap
 _trace = _tracing._trace

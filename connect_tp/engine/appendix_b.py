@@ -36,10 +36,6 @@ class UnsupportedModuleError(TypeError):
     """Raised when an appendix-B view meets an operation it does not know how to map."""
 
 
-def _channel_scaler_type() -> type:
-    return ChannelScaler
-
-
 _B_IDENTITY_MODULES = (
     nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.modules.instancenorm._InstanceNorm,
     nn.modules.dropout._DropoutNd, nn.Identity,
@@ -80,7 +76,7 @@ def appendix_b_module_kind(m: nn.Module, handlers: Mapping[type, Handler]) -> Op
         return "handler"
     if isinstance(m, (nn.Linear,) + CONV_TYPES):
         return "weighted"
-    if isinstance(m, _channel_scaler_type()):
+    if isinstance(m, ChannelScaler):
         return "scaler"
     if isinstance(m, _B_IDENTITY_MODULES):
         return "identity"
@@ -327,7 +323,7 @@ class AppendixBGraph:
     def retrace(self) -> None:
         """Re-trace the model (after modules were added, removed or replaced)."""
         try:
-            graph = LeafTracer((_channel_scaler_type(),) + tuple(self.handlers)).trace(self.model)
+            graph = LeafTracer((ChannelScaler,) + tuple(self.handlers)).trace(self.model)
         except Exception as exc:  # fx raises many exception types for untraceable code
             raise UnsupportedModuleError(
                 f"{type(self.model).__name__} cannot be traced by torch.fx ({type(exc).__name__}: {exc}). "
@@ -460,7 +456,7 @@ class AppendixBGraph:
         mask_grads, value_grads = grads[: len(masks)], grads[len(masks):]
         params = {name: (m > 0) & (g > 0) if g is not None else torch.zeros_like(m, dtype=torch.bool)
                   for (name, m), g in zip(masks.items(), mask_grads)}
-        scaler = _channel_scaler_type()
+        scaler = ChannelScaler
         units = {}
         for (name, value), g in zip(values.items(), value_grads):
             m = self.modules[name]

@@ -51,7 +51,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .scaled import NeedsFallback, Scaled, _affine, _clamp
+from .scaled import NeedsFallback, Scaled, _affine, _clamp, nested_leaves
 
 
 class ConnectivityRuleWarning(UserWarning):
@@ -61,9 +61,7 @@ class ConnectivityRuleWarning(UserWarning):
 # ------------------------------------------------------------------------- saturating activations
 def open_clamp(x: Scaled, low: Optional[float], high: Optional[float]) -> Scaled:
     """``clamp(x, low, high)`` with a positive upper bound left open; the lower bound is exact."""
-    if high is not None and high > 0 and (low is None or low < high):
-        high = None
-    return _clamp(x, low, high)
+    return _clamp(x, low, open_high(low, high))
 
 
 def open_high(low: Optional[float], high: Optional[float]) -> Optional[float]:
@@ -157,18 +155,6 @@ def gate(x: Scaled) -> Scaled:
     return Scaled(torch.where(open_, v / safe, closed))
 
 
-def is_gate(model: nn.Module, node: fx.Node) -> Optional[bool]:
-    """``True`` (hard sigmoid), ``False`` (sigmoid) or ``None`` (not a gate) for a graph node."""
-    if node.op == "call_module":
-        m = model.get_submodule(node.target)
-        return isinstance(m, nn.Hardsigmoid) if isinstance(m, GATE_MODULES) else None
-    if node.op == "call_method":
-        return False if node.target in GATE_METHODS else None
-    if node.op == "call_function" and node.target in GATE_FUNCTIONS:
-        return node.target is F.hardsigmoid
-    return None
-
-
 # ------------------------------------------------------------------------------------------- norms
 def _eps_at(x: Scaled, eps: float) -> Optional[float]:
     """``eps`` at the flow's scale (``eps e^{-2s}``), or ``None`` when it exceeds the dtype."""
@@ -179,8 +165,8 @@ def _eps_at(x: Scaled, eps: float) -> Optional[float]:
     return scaled if scaled <= torch.finfo(x.value.dtype).max else None
 
 
-def uncentered_norm(x: Scaled, dims: tuple, eps: float, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
-                    affine_shape: Optional[tuple] = None) -> Scaled:
+def uncentered_norm(x: Scaled, dims: tuple, eps: float, weight: Optional[torch.Tensor],
+                    bias: Optional[torch.Tensor]) -> Scaled:
     """``x / sqrt(mean(x^2 over dims) + eps) * |weight| + |bias|`` (weight and bias already absolute).
 
     The RMS is taken at the flow's scale with ``eps`` rescaled, so the result is exact at any scale;
@@ -195,10 +181,8 @@ def uncentered_norm(x: Scaled, dims: tuple, eps: float, weight: Optional[torch.T
         rms = torch.sqrt(v.pow(2).mean(dim=dims, keepdim=True) + eps_here)
         out = Scaled(v / rms)
     if weight is not None:
-        w = weight if affine_shape is None else weight.view(affine_shape)
-        out = Scaled(out.value * w, out.log_scale)
-    b = None if bias is None else (bias if affine_shape is None else bias.view(affine_shape))
-    return _affine(out, lambda t: t, b)
+        out = Scaled(out.value * weight, out.log_scale)
+    return _affine(out, lambda t: t, bias)
 
 
 def layer_norm(x: Scaled, normalized_shape: Iterable[int], weight, bias, eps: float) -> Scaled:
@@ -272,13 +256,7 @@ _OUTPUT_MODULES = (nn.Softmax, nn.LogSoftmax, nn.Softmax2d, nn.Sigmoid)
 
 
 def _returned_nodes(arg: Any) -> List[fx.Node]:
-    if isinstance(arg, fx.Node):
-        return [arg]
-    if isinstance(arg, (tuple, list)):
-        return [n for a in arg for n in _returned_nodes(a)]
-    if isinstance(arg, Mapping):
-        return [n for a in arg.values() for n in _returned_nodes(a)]
-    return []
+    return [n for n in nested_leaves(arg) if isinstance(n, fx.Node)]
 
 
 def output_activations(model: nn.Module, graph: fx.Graph) -> Dict[fx.Node, str]:

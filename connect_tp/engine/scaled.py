@@ -2,14 +2,14 @@
 
 :class:`Scaled` is a tensor ``value * exp(log_scale)`` with ``value`` renormalized to a maximum of 1
 and the log of the scale a Python float; :class:`NeedsFallback` is raised when a value cannot be
-represented exactly. The helpers map nested outputs (``_map``, ``_wrap``, ``_materialize``) and
+represented exactly. The helpers walk nested outputs (``map_nested``, ``nested_leaves``, ``_wrap``, ``_materialize``) and
 combine flows at a common safe scale (``_affine``, ``_add``, ``_mul``, ``_div``, ``_multilinear``,
 ``_clamp``); :class:`Binarize` is the 0/1 indicator of the reachability views. Uses torch only.
 """
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Mapping, Optional, Tuple
+from typing import Any, Callable, Iterator, Mapping, Optional, Tuple
 
 import torch
 
@@ -74,15 +74,21 @@ def _is_scaled(x: Any) -> bool:
     return isinstance(x, Scaled)
 
 
+def nested_leaves(obj: Any) -> Iterator[Any]:
+    """Every leaf of a nested structure: the items of tuples, lists and mappings, recursively."""
+    if isinstance(obj, (tuple, list)):
+        for o in obj:
+            yield from nested_leaves(o)
+    elif isinstance(obj, Mapping):
+        for o in obj.values():
+            yield from nested_leaves(o)
+    else:
+        yield obj
+
+
 def _scaled_in(obj: Any) -> list:
     """Every :class:`Scaled` inside ``obj`` (nested tuples / lists / dicts)."""
-    if isinstance(obj, Scaled):
-        return [obj]
-    if isinstance(obj, (tuple, list)):
-        return [f for o in obj for f in _scaled_in(o)]
-    if isinstance(obj, Mapping):
-        return [f for o in obj.values() for f in _scaled_in(o)]
-    return []
+    return [o for o in nested_leaves(obj) if isinstance(o, Scaled)]
 
 
 def _any_scaled(obj: Any) -> bool:
@@ -95,21 +101,22 @@ def _any_scaled(obj: Any) -> bool:
     return False
 
 
-def _map(obj: Any, fn: Callable[[Any], Any]) -> Any:
+def map_nested(obj: Any, fn: Callable[[Any], Any]) -> Any:
+    """``obj`` with ``fn`` applied to every leaf; tuples and lists keep their type, dicts become dicts."""
     if isinstance(obj, (tuple, list)):
-        return type(obj)(_map(o, fn) for o in obj)
+        return type(obj)(map_nested(o, fn) for o in obj)
     if isinstance(obj, dict):
-        return {k: _map(v, fn) for k, v in obj.items()}
+        return {k: map_nested(v, fn) for k, v in obj.items()}
     return fn(obj)
 
 
 def _materialize(obj: Any) -> Any:
-    return _map(obj, lambda o: o.materialized() if isinstance(o, Scaled) else o)
+    return map_nested(obj, lambda o: o.materialized() if isinstance(o, Scaled) else o)
 
 
 def _wrap(obj: Any) -> Any:
     """Floating-point tensors of a plain result become :class:`Scaled` at scale 1."""
-    return _map(obj, lambda o: Scaled(o) if isinstance(o, torch.Tensor) and o.is_floating_point() else o)
+    return map_nested(obj, lambda o: Scaled(o) if isinstance(o, torch.Tensor) and o.is_floating_point() else o)
 
 
 def _as_tensor(c: Any, like: torch.Tensor) -> torch.Tensor:

@@ -188,20 +188,29 @@ class _Pass:
 
     def bn_affine(self, m: nn.Module, prefix: str, dtype: torch.dtype) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
         """An eval BatchNorm in this view as ``x * scale + shift`` per channel (``None``: 1 or 0)."""
-        mode = self.bn_flow if self.view == "signal" else "gamma_over_sigma"
+        gamma = self.param(prefix + "weight") if m.affine else None
+        beta = self.param(prefix + "bias") if m.affine else None
+        return self.bn_scale_shift(self.buffers[prefix + "running_mean"], self.buffers[prefix + "running_var"],
+                                   gamma, beta, m.eps, dtype)
+
+    def bn_scale_shift(self, mean: torch.Tensor, var: torch.Tensor, gamma: Optional[torch.Tensor],
+                       beta: Optional[torch.Tensor], eps: float,
+                       dtype: torch.dtype) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """BatchNorm with running statistics as ``x * scale + shift`` in this view (``bn_flow`` in the
+        signal view; the linear scale ``|gamma| / sigma`` in the others); ``None``: 1 or 0."""
+        mode = self.bn_flow if self.view == "signal" else "scale"
         if mode == "identity":
             return None, None
-        gamma = self.param(prefix + "weight") if m.affine else None
         shift = None
         if mode == "gamma":
             scale = gamma
         else:
-            inv_std = torch.rsqrt(self.buffers[prefix + "running_var"] + m.eps).to(dtype)
+            inv_std = torch.rsqrt(var + eps).to(dtype)
             scale = inv_std if gamma is None else gamma * inv_std
             if mode == "stats":
-                shift = -self.buffers[prefix + "running_mean"].to(dtype) * scale
-                if m.affine:
-                    shift = shift + self.param(prefix + "bias")
+                shift = -mean.to(dtype) * scale
+                if beta is not None:
+                    shift = shift + beta
         if self.view == "reach" and scale is not None:
             scale = (scale != 0).to(dtype)
         return scale, shift
@@ -209,7 +218,10 @@ class _Pass:
     def batchnorm(self, m: nn.Module, prefix: str, x: Scaled) -> Scaled:
         if self.folded.get(prefix[:-1]):
             return x  # already folded into the convolution that feeds it
-        scale, shift = self.bn_affine(m, prefix, x.value.dtype)
+        return self.scale_shift(x, *self.bn_affine(m, prefix, x.value.dtype))
+
+    def scale_shift(self, x: Scaled, scale: Optional[torch.Tensor], shift: Optional[torch.Tensor]) -> Scaled:
+        """``x * scale + shift`` per channel (dimension 1); ``None`` is 1 or 0."""
         if scale is None and shift is None:
             return x
         shape = (1, -1) + (1,) * (x.value.dim() - 2)
@@ -229,25 +241,8 @@ class _Pass:
         eps = arg(7, "eps", 1e-5)
         if mean is None or var is None:
             return _wrap(F.batch_norm(x.materialized(), mean, var, gamma, beta, True, 0.0, eps))
-        mode = self.bn_flow if self.view == "signal" else "gamma_over_sigma"
-        if mode == "identity":
-            return x
-        dtype = x.value.dtype
-        shape = (1, -1) + (1,) * (x.value.dim() - 2)
-        if mode == "gamma":
-            scale, shift = gamma, None
-        else:
-            inv_std = torch.rsqrt(var + eps).to(dtype)
-            scale = inv_std if gamma is None else gamma * inv_std
-            shift = None
-            if mode == "stats":
-                shift = -mean.to(dtype) * scale
-                if beta is not None:
-                    shift = shift + beta
-        if self.view == "reach" and scale is not None:
-            scale = (scale != 0).to(dtype)
-        linear = (lambda v: v) if scale is None else (lambda v: v * scale.view(shape))
-        return self.node(_affine(x, linear, None if shift is None else shift.view(shape)))
+        scale, shift = self.bn_scale_shift(mean, var, gamma, beta, eps, x.value.dtype)
+        return self.scale_shift(x, scale, shift)
 
     def norm(self, m: nn.Module, prefix: str, x: Scaled) -> Scaled:
         """LayerNorm / GroupNorm / RMSNorm without centering (:func:`.rules.uncentered_norm`)."""
@@ -555,8 +550,8 @@ def affine_by_signs(model: nn.Module, bn_flow: str, graph: Optional[fx.Graph] = 
     """Whether the signal flow is affine on all non-negative inputs, proved from the graph alone (no pass).
 
     A sufficient condition for :func:`affine_on_samples` that costs no forward pass: in the signal
-    view every weight, bias and (with ``bn_flow`` ``"gamma"`` or ``"identity"``) BatchNorm factor is
-    non-negative, so convolutions, linear layers, BatchNorm, sums, concatenations, average pooling
+    view every weight, bias and (with ``bn_flow`` ``"gamma"``, ``"scale"`` or ``"identity"``) BatchNorm
+    factor is non-negative, so convolutions, linear layers, BatchNorm, sums, concatenations, average pooling
     and reshapes map non-negative flows to non-negative flows (exactly, in floating point too: sums
     and products of non-negative numbers never round below zero), and a ReLU (or leaky ReLU) that
     only sees non-negative inputs is the identity. If every ReLU of the graph is reached by
@@ -631,7 +626,7 @@ def _sign_rule(model: nn.Module, node: fx.Node, bn_flow: str) -> Optional[str]:
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
             if m.running_mean is None:
                 return None  # batch statistics: not affine
-            return "keeps" if bn_flow in ("gamma", "identity") else "linear"
+            return "keeps" if bn_flow in ("gamma", "scale", "identity") else "linear"
         if isinstance(m, (nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d)):
             return "keeps" if m.value >= 0 else "linear"
         if isinstance(m, _LINEAR_MODULES):  # |W|, |b|: no negative constant

@@ -36,17 +36,15 @@ def _batch_slice(x: Any, n: int, start: int, stop: int) -> Any:
     """Samples ``start:stop`` of every batched tensor in a nested input of batch ``n``."""
     if start == 0 and stop == n:
         return x
-    if isinstance(x, torch.Tensor):
-        if x.dim() == 0:
-            return x
-        if x.shape[0] != n:
+
+    def cut(t: Any) -> Any:
+        if not isinstance(t, torch.Tensor) or t.dim() == 0:
+            return t
+        if t.shape[0] != n:
             raise _NotBatched
-        return x[start:stop]
-    if isinstance(x, dict):
-        return {k: _batch_slice(v, n, start, stop) for k, v in x.items()}
-    if isinstance(x, (tuple, list)):
-        return type(x)(_batch_slice(v, n, start, stop) for v in x)
-    return x
+        return t[start:stop]
+
+    return engine.map_nested(x, cut)
 
 
 class ConnectivityGradient:

@@ -20,6 +20,8 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 import torch.nn as nn
 
+from ..engine import map_nested
+
 __all__ = ["InputRecorder", "RecordedInputs", "TensorSpec", "follow_model", "inputs_from_graph",
            "model_dtype_device", "pruner_trace_input"]
 
@@ -40,40 +42,30 @@ class TensorSpec:
     @classmethod
     def of(cls, x: Any) -> Any:
         """Replace every tensor in a nested input by its spec, so no activation stays alive."""
-        if isinstance(x, torch.Tensor):
+        def spec(t: Any) -> Any:
+            if not isinstance(t, torch.Tensor):
+                return t
             first = None
-            if not x.is_floating_point() and not x.is_complex() and x.dim() > 0:
-                first = x[:1].detach().clone()
-            return cls(tuple(x.shape[1:]), x.dtype, x.device, first)
-        if isinstance(x, dict):
-            return {k: cls.of(v) for k, v in x.items()}
-        if isinstance(x, (tuple, list)):
-            return type(x)(cls.of(v) for v in x)
-        return x
+            if not t.is_floating_point() and not t.is_complex() and t.dim() > 0:
+                first = t[:1].detach().clone()
+            return cls(tuple(t.shape[1:]), t.dtype, t.device, first)
+        return map_nested(x, spec)
 
     @classmethod
     def of_batch(cls, x: Any) -> Any:
         """The first sample of every tensor in ``x`` (the structure the connectivity pass needs)."""
-        if isinstance(x, torch.Tensor):
-            return x[:1].detach() if x.dim() > 0 else x
-        if isinstance(x, dict):
-            return {k: cls.of_batch(v) for k, v in x.items()}
-        if isinstance(x, (tuple, list)):
-            return type(x)(cls.of_batch(v) for v in x)
-        return x
+        return map_nested(x, lambda t: t[:1].detach() if isinstance(t, torch.Tensor) and t.dim() > 0 else t)
 
     @classmethod
     def materialize(cls, x: Any) -> Any:
         """Inverse of :meth:`of`: one-sample tensors (zeros for floats, the kept sample otherwise)."""
-        if isinstance(x, cls):
-            if x.first is not None:
-                return x.first.clone()
-            return torch.zeros((1,) + x.shape, dtype=x.dtype, device=x.device)
-        if isinstance(x, dict):
-            return {k: cls.materialize(v) for k, v in x.items()}
-        if isinstance(x, (tuple, list)):
-            return type(x)(cls.materialize(v) for v in x)
-        return x
+        def tensor(s: Any) -> Any:
+            if not isinstance(s, cls):
+                return s
+            if s.first is not None:
+                return s.first.clone()
+            return torch.zeros((1,) + s.shape, dtype=s.dtype, device=s.device)
+        return map_nested(x, tensor)
 
 
 _CALL_FAILED = object()
@@ -208,15 +200,11 @@ def follow_model(inputs: Any, model: nn.Module) -> Any:
                          "materialize its weights first (e.g. model.to_empty(device=...) and load a state dict)")
 
     def move(x: Any) -> Any:
-        if isinstance(x, torch.Tensor):
-            return x.to(device=device, dtype=dtype) if x.is_floating_point() else x.to(device)
-        if isinstance(x, dict):
-            return {k: move(v) for k, v in x.items()}
-        if isinstance(x, (tuple, list)):
-            return type(x)(move(v) for v in x)
-        return x
+        if not isinstance(x, torch.Tensor):
+            return x
+        return x.to(device=device, dtype=dtype) if x.is_floating_point() else x.to(device)
 
-    return move(inputs)
+    return map_nested(inputs, move)
 
 
 class RecordedInputs:
