@@ -556,11 +556,16 @@ def run(args) -> int:
 
 
 # ----------------------------------------------------------------------------------------- summary
-def read_results(roots: Sequence[str]) -> Tuple[List[Dict[str, Any]], List[Dict[str, Any]]]:
+def read_results(roots: Sequence[str], first_wins: bool = False) -> Tuple[List[Dict[str, Any]], List[Dict[str, Any]]]:
     """Every trajectory (with its fine-tuning numbers merged in) and every base model under ``roots``.
 
+    Args:
+        first_wins: a trajectory found in several roots is taken from the first root given (and the
+            others are listed in its ``also_in``) instead of refused.
+
     Raises:
-        SystemExit: the files were made with different protocols (summarize each on its own).
+        SystemExit: the files were made with different protocols (summarize each on its own), or a
+            trajectory is in two roots without ``first_wins``.
     """
     trajs, bases, protocols = [], {}, set()
     for root in roots:
@@ -573,19 +578,98 @@ def read_results(roots: Sequence[str]) -> Tuple[List[Dict[str, Any]], List[Dict[
             r = _read_json(path)
             ft = path[:-5] + "-ft.json"
             r["finetuned_acc"] = _read_json(ft)["finetuned_acc"] if os.path.exists(ft) else {}
+            r["source"] = root
             trajs.append(r)
-    seen: Dict[Tuple[str, int, int], bool] = {}
-    for r in trajs:
-        key = (r["method"], r["seed"], r["draw"])
-        if key in seen:
-            raise SystemExit(f"error: {r['method']} on base {r['seed']}, draw {r['draw']}, is in two roots; "
-                             "summarize each copy once")
-        seen[key] = True
     for r in trajs + list(bases.values()):
         protocols.add(json.dumps(r["protocol"], sort_keys=True))
     if len(protocols) > 1:
         raise SystemExit(f"error: these results were made with {len(protocols)} different protocols; "
                          "summarize each root on its own")
+    return merge_trajectories(trajs, first_wins), [bases[s] for s in sorted(bases)]
+
+
+def merge_trajectories(trajs: Sequence[Dict[str, Any]], first_wins: bool = False) -> List[Dict[str, Any]]:
+    """``trajs`` with each (method, base, draw) once, in the order given.
+
+    Raises:
+        SystemExit: one is given twice and ``first_wins`` is off; with it on, the first copy is kept
+            and the later copies' sources are listed in its ``also_in`` (the summary shows them).
+    """
+    kept: Dict[Tuple[str, int, int], Dict[str, Any]] = {}
+    for r in trajs:
+        key = (r["method"], r["seed"], r["draw"])
+        if key not in kept:
+            kept[key] = r
+        elif first_wins:
+            kept[key].setdefault("also_in", []).append(r.get("source"))
+        else:
+            raise SystemExit(f"error: {r['method']} on base {r['seed']}, draw {r['draw']}, is in two sources "
+                             f"({kept[key].get('source')}, {r.get('source')}); summarize each copy once, or "
+                             "pass --first-wins to take the first source's copy")
+    return list(kept.values())
+
+
+RANKING_ALIASES = {"connect-k100-bngamma": "connect"}
+"""Ranking-benchmark method names of the importance that is ``connect`` here (``ConnectImportance()``
+when these results were made), so both benchmarks' rows of one criterion share a name."""
+
+
+def _ranking_protocol() -> Dict[str, Any]:
+    """This benchmark's :data:`PROTOCOL` as the ``ranking`` preset states it, checked to agree."""
+    from connect_tp.pipeline.config import PRESETS
+
+    p = PRESETS["ranking"]
+    mine = dict(epochs=p["base_epochs"], lr=p["base_lr"], milestones=list(p["base_milestones"]),
+                weight_decay=p["weight_decay"], batch_size=p["batch_size"], train_subset=p["train_subset"],
+                test_subset=p["test_subset"], iterative_steps=p["iterative_steps"],
+                calibration_samples=p["calibration_samples"], ft_epochs=p["ft_epochs"], ft_lr=p["ft_lr"],
+                ft_schedule="cosine")
+    if mine != PROTOCOL:  # pragma: no cover - a guard for whoever edits one of the two recipes
+        raise SystemExit("error: the ranking preset no longer has this benchmark's recipe; its results cannot "
+                         "be summarized here")
+    return dict(PROTOCOL)
+
+
+def read_ranking(folders: Sequence[str]) -> Tuple[List[Dict[str, Any]], List[Dict[str, Any]]]:
+    """Trajectories and bases of ranking-benchmark run folders (``.../seed<s>/<method>``), in this shape.
+
+    The ranking benchmark (``connect-tp prune --preset ranking`` and ``finetune --ft-schedule cosine``)
+    runs this benchmark's recipe on its own base models (seeds 0-2), with one calibration set per seed:
+    it is read as draw 0 of that base. Its committed folders add three more bases at no cost.
+
+    Raises:
+        SystemExit: a folder is not a ranking run, or its fine-tuning used another schedule.
+    """
+    protocol = _ranking_protocol()
+    trajs, bases = [], {}
+    for folder in folders:
+        base = _read_json(os.path.join(folder, "base.json"))
+        if base.get("preset") != "ranking" or base.get("model") != "resnet20":
+            raise SystemExit(f"error: {folder} is not a ranking-benchmark run folder (preset "
+                             f"{base.get('preset')!r}, model {base.get('model')!r})")
+        bases.setdefault(base["seed"], {"seed": base["seed"], "acc": base["acc"], "seconds": base.get("seconds"),
+                                        "protocol": protocol})
+        by_method: Dict[str, Dict[str, Any]] = {}
+        for path in sorted(glob.glob(os.path.join(folder, "results", "*.json"))):
+            res = _read_json(path)
+            key = f"{res['target_speed_up']:g}"
+            if key not in {f"{t:g}" for t in TARGETS}:
+                continue
+            method = RANKING_ALIASES.get(res["method"], res["method"])
+            r = by_method.setdefault(method, {
+                "method": method, "seed": res["seed"], "draw": 0, "protocol": protocol, "source": folder,
+                "base_acc": res["base_acc"], "snapshots": {}, "finetuned_acc": {}, "prune_seconds": None,
+                "environment": dict({"accelerator": None, "torch_pruning": None}, **res["environment"])})
+            r["snapshots"][key] = {"step": res["step"], "speed_up": res["speed_up"], "macs": res["macs"],
+                                   "channels": res["channels"], "collapsed_layers": res["collapsed_layers"],
+                                   "acc_raw": res["pruned_acc"], "acc_bn": res["pruned_acc_bn_recalibrated"]}
+            if res.get("finetuned_acc") is not None:
+                schedule = res.get("provenance", {}).get("finetune", {}).get("config", {}).get("schedule")
+                if schedule != "cosine":
+                    raise SystemExit(f"error: {path} was fine-tuned with schedule {schedule!r}, not this "
+                                     "benchmark's cosine epoch; summarize the ranking-cosine folders")
+                r["finetuned_acc"][key] = res["finetuned_acc"]
+        trajs.extend(by_method.values())
     return trajs, [bases[s] for s in sorted(bases)]
 
 
@@ -693,11 +777,18 @@ def paired(trajs: Sequence[Dict[str, Any]], a: str, b: str, metric: str) -> List
 
 
 def summarize(roots: Sequence[str], output: str, candidates: Optional[Sequence[str]] = None,
-              seeds: Sequence[int] = (3, 4, 5, 6, 7), draws: Sequence[int] = (0, 1)) -> str:
+              seeds: Sequence[int] = (3, 4, 5, 6, 7), draws: Sequence[int] = (0, 1),
+              ranking: Sequence[str] = (), first_wins: bool = False) -> str:
     """Write ``summary.json`` and ``table.md`` under ``output``; returns the markdown.
 
-    ``seeds`` and ``draws`` are the benchmark's (base, draw) pairs, which the rule needs covered."""
-    trajs, bases = read_results(roots)
+    ``seeds`` and ``draws`` are the benchmark's (base, draw) pairs, which the rule needs covered;
+    ``ranking`` adds ranking-benchmark run folders (:func:`read_ranking`) after ``roots``;
+    ``first_wins`` takes a trajectory given twice from its first source (:func:`merge_trajectories`)."""
+    trajs, bases = read_results(roots, first_wins)
+    if ranking:
+        more, more_bases = read_ranking(ranking)
+        trajs = merge_trajectories(trajs + more, first_wins)
+        bases = sorted({b["seed"]: b for b in more_bases + bases}.values(), key=lambda b: b["seed"])
     if not trajs:
         raise SystemExit(f"error: no trajectories under {list(roots)}")
     methods = sorted({r["method"] for r in trajs}, key=lambda m: (DEFAULT_METHODS.index(m)
@@ -742,7 +833,8 @@ def summarize(roots: Sequence[str], output: str, candidates: Optional[Sequence[s
 
 def _row(r: Dict[str, Any]) -> Dict[str, Any]:
     """One trajectory in short: per target its fine-tuned accuracy, streams, narrowest last-stage conv."""
-    row = {"method": r["method"], "seed": r["seed"], "draw": r["draw"], "prune_seconds": r.get("prune_seconds")}
+    row = {"method": r["method"], "seed": r["seed"], "draw": r["draw"], "prune_seconds": r.get("prune_seconds"),
+           "source": r.get("source"), "also_in": r.get("also_in", [])}
     for t in TARGETS:
         key = f"{t:g}"
         snap = r["snapshots"].get(key, {"unreachable": True})
@@ -807,6 +899,12 @@ def _markdown(summary: Dict[str, Any]) -> str:
                      + ("unreachable | –" if "stream" not in at16 else
                         f"{' · '.join(map(str, at16['stream']))} | {at16['last_stage_min']}") + " |")
     lines.append("")
+    doubles = [row for row in summary["trajectories"] if row["also_in"]]
+    if doubles:
+        lines += ["**Given twice** (taken from the first source; the copies left out):", ""]
+        lines += [f"- {row['method']} s{row['seed']}-d{row['draw']}: from {row['source']}; left out: "
+                  f"{', '.join(map(str, row['also_in']))}" for row in doubles]
+        lines.append("")
     lines += ["**Collapses**", ""]
     for m, per in summary["methods"].items():
         for t in ("8", "16"):
@@ -861,14 +959,21 @@ def main(argv: Optional[List[str]] = None) -> int:
             p.add_argument("--prune-device", default=None, help="where the loop runs (default: --device)")
             p.add_argument("--finetune", action="store_true", help="fine-tune the snapshots right after")
     p = sub.add_parser("summarize")
-    p.add_argument("roots", nargs="+")
+    p.add_argument("roots", nargs="*", help="this benchmark's --root folders")
+    p.add_argument("--ranking", nargs="*", default=[], metavar="FOLDER",
+                   help="ranking-benchmark run folders (seed<s>/<method>) fine-tuned with the cosine epoch")
+    p.add_argument("--first-wins", action="store_true", help="a trajectory in several sources is taken from the "
+                   "first one given (roots in order, then --ranking); the table lists the copies left out")
     p.add_argument("--output", default=os.path.join("benchmarks", "results", "robustness"))
     p.add_argument("--candidates", nargs="*", help="CoNNect specs the rule chooses among (default: every connect row)")
     p.add_argument("--seeds", type=int, nargs="+", default=[3, 4, 5, 6, 7], help="the benchmark's bases")
     p.add_argument("--draws", type=int, nargs="+", default=[0, 1], help="the benchmark's calibration draws")
     args = parser.parse_args(argv)
     if args.command == "summarize":
-        print(summarize(args.roots, args.output, args.candidates, args.seeds, args.draws))
+        if not args.roots and not args.ranking:
+            parser.error("summarize needs a --root folder or --ranking folders")
+        print(summarize(args.roots, args.output, args.candidates, args.seeds, args.draws, args.ranking,
+                        args.first_wins))
         return 0
     if args.command == "run":
         return run(args)

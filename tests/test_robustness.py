@@ -313,5 +313,57 @@ def test_read_results_refuses_a_trajectory_found_in_two_roots(tmp_path):
     for root in (one, two):
         _touch(rb.traj_path(root, "l2", 3, 0), _traj("l2", 3, 0))
     assert len(rb.read_results([one])[0]) == 1
-    with pytest.raises(SystemExit, match="in two roots"):
+    with pytest.raises(SystemExit, match="in two sources"):
         rb.read_results([one, two])
+
+
+def test_first_wins_takes_the_first_roots_copy_and_the_table_lists_the_other(tmp_path):
+    one, two, out = str(tmp_path / "a"), str(tmp_path / "b"), str(tmp_path / "out")
+    for root, acc in ((one, 85.0), (two, 60.0)):
+        _touch(rb.traj_path(root, "l2", 3, 0), _traj("l2", 3, 0))
+        _touch(rb.traj_path(root, "l2", 3, 0, "finetune"), {"finetuned_acc": {"8": acc, "16": acc - 5}})
+    _touch(rb.traj_path(two, "l1", 3, 0), _traj("l1", 3, 0))
+    trajs, _ = rb.read_results([two, one], first_wins=True)
+    l2 = next(r for r in trajs if r["method"] == "l2")
+    assert len(trajs) == 2 and l2["source"] == two and l2["also_in"] == [one]
+    md = rb.summarize([one, two], out, first_wins=True)
+    assert f"- l2 s3-d0: from {one}; left out: {two}" in md
+    assert "85.0 ± 0.0 / **85.0** (s3-d0)" in md and "60.0" not in md  # the fine-tuned 8x cell: one's copy
+
+
+def _ranking_folder(tmp_path, seed, method, schedule="cosine", preset="ranking", stream16=20):
+    """A ranking-benchmark run folder (``seed<s>/<method>``) holding the 8x and 16x results."""
+    folder = tmp_path / f"seed{seed}" / method
+    _touch(str(folder / "base.json"), {"preset": preset, "seed": seed, "model": "resnet20", "acc": 92.7,
+                                       "seconds": 4000.0})
+    for target, stream, ft in ((8.0, 40, 86.0), (16.0, stream16, 41.7 if stream16 <= 4 else 82.0)):
+        _touch(str(folder / "results" / f"{method}_{target:g}x.json"), {
+            "preset": preset, "seed": seed, "method": method, "target_speed_up": target, "speed_up": target + 0.1,
+            "step": 300, "macs": 1, "base_acc": 92.7, "pruned_acc": 10.0, "pruned_acc_bn_recalibrated": 12.0,
+            "channels": _channels(stream=(4, 16, stream)), "collapsed_layers": [], "finetuned_acc": ft,
+            "environment": {"torch": "t", "torch_pruning": "1.6.0", "threads": 1, "cpus": 2, "load_avg_1min": 1.0},
+            "provenance": {"finetune": {"config": {"schedule": schedule}}}})
+    _touch(str(folder / "results" / f"{method}_2x.json"), {"target_speed_up": 2.0})  # not a target here
+    return str(folder)
+
+
+def test_ranking_folders_are_read_as_draw_0_of_their_base_under_this_benchmarks_names(tmp_path):
+    folders = [_ranking_folder(tmp_path, 0, "connect-k100-bngamma"), _ranking_folder(tmp_path, 0, "l1", stream16=3)]
+    trajs, bases = rb.read_ranking(folders)
+    by = {r["method"]: r for r in trajs}
+    assert set(by) == {"connect", "l1"} and [b["seed"] for b in bases] == [0]
+    assert by["l1"]["draw"] == 0 and by["l1"]["finetuned_acc"] == {"8": 86.0, "16": 41.7}
+    assert by["l1"]["snapshots"]["16"]["acc_bn"] == 12.0 and by["l1"]["protocol"] == rb.PROTOCOL
+    md = rb.summarize([], str(tmp_path / "out"), seeds=[0], draws=[0], ranking=folders)
+    assert "- l1 at 16x, s0-d0: last stage's residual stream at 3 <= 4" in md
+    assert "**connect** (the current default is best)" in md
+
+
+def test_ranking_folders_of_another_schedule_or_preset_are_refused(tmp_path):
+    with pytest.raises(SystemExit, match="schedule 'constant'"):
+        rb.read_ranking([_ranking_folder(tmp_path / "a", 0, "l1", schedule="constant")])
+    with pytest.raises(SystemExit, match="not a ranking-benchmark run folder"):
+        rb.read_ranking([_ranking_folder(tmp_path / "b", 0, "l1", preset="offline")])
+    folder = _ranking_folder(tmp_path / "c", 0, "l1")
+    with pytest.raises(SystemExit, match="in two sources"):
+        rb.summarize([], str(tmp_path / "out"), seeds=[0], draws=[0], ranking=[folder, folder])
