@@ -275,6 +275,34 @@ def train_base(root: str, seed: int, protocol: Dict[str, Any], data_dir: str, de
     return result
 
 
+def adopt_ranking_base(root: str, ranking_folder: str) -> Dict[str, Any]:
+    """Copy a ranking-benchmark base model (``ranking_folder/base.pt``, its best epoch) in as a base here.
+
+    The ranking benchmark trains its bases (seeds 0-2) with this benchmark's recipe, so its trajectories
+    can be extended with this benchmark's calibration draws. Its own calibration set is what
+    :func:`read_ranking` reads as draw 0: run draws >= 1 on an adopted base.
+
+    Raises:
+        SystemExit: the folder is not a ranking run, or this root has another base under that seed.
+    """
+    from connect_tp.training import load_model_checkpoint, save_model_checkpoint
+
+    info = _read_json(os.path.join(ranking_folder, "base.json"))
+    if info.get("preset") != "ranking" or info.get("model") != "resnet20":
+        raise SystemExit(f"error: {ranking_folder} is not a ranking-benchmark run folder")
+    seed, path = info["seed"], base_path(root, info["seed"])
+    if os.path.exists(path[:-3] + ".json"):
+        raise SystemExit(f"error: {root} has a base model {seed} already; adopt into another --root")
+    model, ckpt = load_model_checkpoint(os.path.join(ranking_folder, "base.pt"))
+    model.load_state_dict(ckpt.get("best_state_dict") or ckpt["state_dict"])  # the ranking uses its best epoch
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    save_model_checkpoint(path, model, ckpt["arch"])
+    result = {"seed": seed, "acc": info["acc"], "final_acc": info.get("final_acc"), "protocol": _ranking_protocol(),
+              "seconds": info.get("seconds"), "adopted_from": ranking_folder, "environment": _environment("cpu")}
+    _write_json(path[:-3] + ".json", result)
+    return result
+
+
 def _variant_class(variants: Sequence[str]):
     """A :class:`~connect_tp.importance.ConnectImportance` subclass with the scoring variants asked for."""
     import torch
@@ -949,6 +977,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     p = sub.add_parser("train")
     common(p)
     p.add_argument("--seed", type=int, required=True)
+    p = sub.add_parser("adopt", help="a ranking-benchmark base (its folder: base.pt, base.json) as a base here")
+    p.add_argument("folders", nargs="+")
+    p.add_argument("--root", default=os.path.join("runs", "robustness"))
     for name in ("prune", "finetune"):
         p = sub.add_parser(name)
         common(p)
@@ -977,6 +1008,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 0
     if args.command == "run":
         return run(args)
+    if args.command == "adopt":
+        for folder in args.folders:
+            r = adopt_ranking_base(args.root, folder)
+            print(f"base {r['seed']} ({r['acc']:.2f} %) from {folder}")
+        return 0
     protocol = dict(TINY if args.tiny else PROTOCOL)
     _setup(args.threads, args.device)
     if args.command == "train":

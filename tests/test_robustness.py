@@ -367,3 +367,23 @@ def test_ranking_folders_of_another_schedule_or_preset_are_refused(tmp_path):
     folder = _ranking_folder(tmp_path / "c", 0, "l1")
     with pytest.raises(SystemExit, match="in two sources"):
         rb.summarize([], str(tmp_path / "out"), seeds=[0], draws=[0], ranking=[folder, folder])
+
+
+def test_adopt_copies_a_ranking_base_s_best_epoch_and_refuses_a_second_copy(tmp_path):
+    import torch
+    from connect_tp.training import load_model_checkpoint, save_model_checkpoint
+
+    folder, root = tmp_path / "ranking" / "seed1", str(tmp_path / "root")
+    final, best = resnet20(num_classes=10, in_channels=1), resnet20(num_classes=10, in_channels=1)
+    save_model_checkpoint(str(folder / "base.pt"), final, {"model": "resnet20", "num_classes": 10, "in_channels": 1},
+                          best_state_dict=best.state_dict())
+    _touch(str(folder / "base.json"), {"preset": "ranking", "model": "resnet20", "seed": 1, "acc": 92.9})
+    info = rb.adopt_ranking_base(root, str(folder))
+    assert info["protocol"] == rb.PROTOCOL and info["seed"] == 1
+    adopted, _ = load_model_checkpoint(rb.base_path(root, 1))
+    assert all(torch.equal(a, b) for a, b in zip(adopted.state_dict().values(), best.state_dict().values()))
+    with pytest.raises(SystemExit, match="has a base model 1 already"):
+        rb.adopt_ranking_base(root, str(folder))
+    _touch(str(tmp_path / "other" / "base.json"), {"preset": "offline", "model": "resnet20", "seed": 2})
+    with pytest.raises(SystemExit, match="not a ranking-benchmark run folder"):
+        rb.adopt_ranking_base(root, str(tmp_path / "other"))
