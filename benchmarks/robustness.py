@@ -437,9 +437,12 @@ def prune_trajectory(root: str, spec: str, seed: int, draw: int, protocol: Dict[
             snaps.setdefault(f"{t:g}", {"unreachable": True, "reached": exc.reached})
     lam = getattr(importance, "lam", None)
     history = getattr(importance, "lam_history", None)
-    result = {"lam_history": history[::10] if history else None,"method": spec, "seed": seed, "draw": draw, "calibration_seed": cseed, "protocol": protocol,
-              "base_acc": base_json["acc"], "snapshots": snaps, "error": error,
-              "connect_lam": lam if isinstance(lam, (int, float)) else None,
+    settings = ({"balance": importance.balance, "bn_flow": importance.bn_flow}
+                if hasattr(importance, "bn_flow") else None)  # names plain `connect` whatever the default was
+    result = {"lam_history": history[::10] if history else None, "method": spec, "seed": seed, "draw": draw,
+              "calibration_seed": cseed, "protocol": protocol, "base_acc": base_json["acc"], "snapshots": snaps,
+              "error": error, "connect_lam": lam if isinstance(lam, (int, float)) else None,
+              "connect_settings": settings,
               "prune_seconds": time.time() - start, "prune_device": prune_device,
               "environment": _environment(device)}
     _write_json(traj_path(root, spec, seed, draw), result)
@@ -606,7 +609,8 @@ def read_results(roots: Sequence[str], first_wins: bool = False) -> Tuple[List[D
             r = _read_json(path)
             ft = path[:-5] + "-ft.json"
             r["finetuned_acc"] = _read_json(ft)["finetuned_acc"] if os.path.exists(ft) else {}
-            r["source"] = root
+            r["source"], r["spec"] = root, r["method"]
+            r["method"] = method_name(r)
             trajs.append(r)
     for r in trajs + list(bases.values()):
         protocols.add(json.dumps(r["protocol"], sort_keys=True))
@@ -637,9 +641,45 @@ def merge_trajectories(trajs: Sequence[Dict[str, Any]], first_wins: bool = False
     return list(kept.values())
 
 
-RANKING_ALIASES = {"connect-k100-bngamma": "connect"}
-"""Ranking-benchmark method names of the importance that is ``connect`` here (``ConnectImportance()``
-when these results were made), so both benchmarks' rows of one criterion share a name."""
+LEGACY_DEFAULT = "connect-k100-bngamma"
+"""What plain ``connect`` ran in trajectory files that do not record its settings: every such file was
+written while ``ConnectImportance()`` meant ``balance=100, bn_flow="gamma"``."""
+
+
+def method_name(trajectory: Dict[str, Any]) -> str:
+    """The name a trajectory is summarized under, which never depends on when it ran.
+
+    Plain ``connect`` (``ConnectImportance()``) becomes the explicit name of the settings it ran with
+    (recorded as ``connect_settings``; :data:`LEGACY_DEFAULT` in older files), and the ``+gos`` variant
+    becomes the library's ``-bnscale`` name it equals (``connect-kinf+gos`` -> ``connect-kinf-bnscale``),
+    so one criterion gets one row across roots, ranking folders and library defaults.
+    """
+    from benchmarks.ranking import kappa_method
+    from connect_tp.pipeline.methods import NAMED_BN_FLOW
+
+    name, *variants = trajectory["method"].split("+")
+    if name == "connect":
+        settings = trajectory.get("connect_settings")
+        if settings:
+            flow = settings["bn_flow"]
+            name = kappa_method(float(settings["balance"]), None if flow == NAMED_BN_FLOW else flow)
+        else:
+            name = LEGACY_DEFAULT
+    if "gos" in variants:
+        variants.remove("gos")
+        name = name.split("-bn")[0] + "-bnscale"
+    return "+".join([name] + variants)
+
+
+def library_default_name() -> str:
+    """``ConnectImportance()``'s settings as a method name (``connect-k100-bngamma``, ...)."""
+    return method_name({"method": "connect", "connect_settings": _default_settings()})
+
+
+def _default_settings() -> Dict[str, Any]:
+    from connect_tp.importance import DEFAULT_BALANCE, DEFAULT_BN_FLOW
+
+    return {"balance": DEFAULT_BALANCE, "bn_flow": DEFAULT_BN_FLOW}
 
 
 def _ranking_protocol() -> Dict[str, Any]:
@@ -683,7 +723,10 @@ def read_ranking(folders: Sequence[str]) -> Tuple[List[Dict[str, Any]], List[Dic
             key = f"{res['target_speed_up']:g}"
             if key not in {f"{t:g}" for t in TARGETS}:
                 continue
-            method = RANKING_ALIASES.get(res["method"], res["method"])
+            if res["method"] == "connect":
+                raise SystemExit(f"error: {path} ran plain `connect`, whose settings its file does not name; "
+                                 "summarize ranking folders of named methods (connect-k100-bngamma, ...)")
+            method = res["method"]
             r = by_method.setdefault(method, {
                 "method": method, "seed": res["seed"], "draw": 0, "protocol": protocol, "source": folder,
                 "base_acc": res["base_acc"], "snapshots": {}, "finetuned_acc": {}, "prune_seconds": None,
@@ -806,12 +849,13 @@ def paired(trajs: Sequence[Dict[str, Any]], a: str, b: str, metric: str) -> List
 
 def summarize(roots: Sequence[str], output: str, candidates: Optional[Sequence[str]] = None,
               seeds: Sequence[int] = (3, 4, 5, 6, 7), draws: Sequence[int] = (0, 1),
-              ranking: Sequence[str] = (), first_wins: bool = False) -> str:
+              ranking: Sequence[str] = (), first_wins: bool = False, current: Optional[str] = None) -> str:
     """Write ``summary.json`` and ``table.md`` under ``output``; returns the markdown.
 
     ``seeds`` and ``draws`` are the benchmark's (base, draw) pairs, which the rule needs covered;
     ``ranking`` adds ranking-benchmark run folders (:func:`read_ranking`) after ``roots``;
-    ``first_wins`` takes a trajectory given twice from its first source (:func:`merge_trajectories`)."""
+    ``first_wins`` takes a trajectory given twice from its first source (:func:`merge_trajectories`);
+    ``current`` names the default the rule may replace (default: the library's, :func:`library_default_name`)."""
     trajs, bases = read_results(roots, first_wins)
     if ranking:
         more, more_bases = read_ranking(ranking)
@@ -836,13 +880,15 @@ def summarize(roots: Sequence[str], output: str, candidates: Optional[Sequence[s
         summary["methods"][m]["covered"] = len([p for p in covered if p[0] in seeds and p[1] in draws])
     summary["trajectories"] = [_row(r) for r in sorted(trajs, key=lambda r: (methods.index(r["method"]),
                                                                               r["seed"], r["draw"]))]
+    current = current or library_default_name()
+    summary["current_default"] = current
     connect = [m for m in methods if m.startswith("connect")]
     for metric in ("acc_bn", "acc_ft"):
         for a in connect:
-            if a != "connect":
-                summary["paired"][f"{a}|connect|{metric}"] = paired(trajs, a, "connect", metric)
+            if a != current:
+                summary["paired"][f"{a}|{current}|{metric}"] = paired(trajs, a, current, metric)
     candidates = list(candidates) if candidates else connect
-    summary["rule"] = choose_default(summary, candidates, "connect", "acc_ft")
+    summary["rule"] = choose_default(summary, candidates, current, "acc_ft")
     envs = [r["environment"] for r in trajs]
     summary["environment"] = {"threads": sorted({e["threads"] for e in envs}),
                               "accelerator": sorted({e["accelerator"] or "no GPU" for e in envs}),
@@ -942,7 +988,8 @@ def _markdown(summary: Dict[str, Any]) -> str:
     rule = summary["rule"]
     scores = ", ".join("%s %.2f" % (c, rule["scores"][c]) for c in rule["qualified"]) or "none"
     lines.append(f"The rule (every one of the {summary['expected']} (base, draw) pairs covered, no collapse, then the "
-                 f"best mean fine-tuned accuracy over 8x and 16x): **{rule['choice']}** ({rule['reason']}); "
+                 f"best mean fine-tuned accuracy over 8x and 16x; the current default: {summary['current_default']}): "
+                 f"**{rule['choice']}** ({rule['reason']}); "
                  f"qualified: {scores}.")
     return "\n".join(lines) + "\n"
 
@@ -995,6 +1042,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                    help="ranking-benchmark run folders (seed<s>/<method>) fine-tuned with the cosine epoch")
     p.add_argument("--first-wins", action="store_true", help="a trajectory in several sources is taken from the "
                    "first one given (roots in order, then --ranking); the table lists the copies left out")
+    p.add_argument("--current", default=None, help="the default the rule may replace, as a method name "
+                   "(default: the library's ConnectImportance() settings, e.g. connect-k100-bngamma)")
     p.add_argument("--output", default=os.path.join("benchmarks", "results", "robustness"))
     p.add_argument("--candidates", nargs="*", help="CoNNect specs the rule chooses among (default: every connect row)")
     p.add_argument("--seeds", type=int, nargs="+", default=[3, 4, 5, 6, 7], help="the benchmark's bases")
@@ -1004,7 +1053,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         if not args.roots and not args.ranking:
             parser.error("summarize needs a --root folder or --ranking folders")
         print(summarize(args.roots, args.output, args.candidates, args.seeds, args.draws, args.ranking,
-                        args.first_wins))
+                        args.first_wins, args.current))
         return 0
     if args.command == "run":
         return run(args)

@@ -92,7 +92,7 @@ def test_summarize_method_counts_collapses_and_names_the_worst_trajectory():
     assert at8["collapsed"] == 0 and at8["acc_ft"]["mean"] == pytest.approx(84.0)
 
 
-def _summary(trajs, seeds=range(3, 8), draws=(0,)):
+def _summary(trajs, seeds=range(3, 8), draws=(0,), current="connect"):
     methods = sorted({r["method"] for r in trajs})
     summary = {"methods": {m: {f"{t:g}": rb.summarize_method([r for r in trajs if r["method"] == m], t)
                                for t in rb.TARGETS} for m in methods}, "paired": {},
@@ -100,8 +100,8 @@ def _summary(trajs, seeds=range(3, 8), draws=(0,)):
     for m in methods:
         summary["methods"][m]["covered"] = len(rb.coverage(trajs, m, draws))
     for a in methods:
-        if a != "connect":
-            summary["paired"][f"{a}|connect|acc_ft"] = rb.paired(trajs, a, "connect", "acc_ft")
+        if a != current:
+            summary["paired"][f"{a}|{current}|acc_ft"] = rb.paired(trajs, a, current, "acc_ft")
     return summary
 
 
@@ -144,12 +144,13 @@ def test_the_rule_replaces_a_default_that_collapses_and_needs_every_pair_covered
 
 
 def test_a_data_free_method_covers_every_draw_of_a_base_with_one_trajectory():
-    trajs = [_traj("connect-kinf", s, 0) for s in range(3, 8)] + [_traj("connect", s, 0) for s in range(3, 8)]
+    grad = "connect-k100-bngamma"
+    trajs = [_traj("connect-kinf", s, 0) for s in range(3, 8)] + [_traj(grad, s, 0) for s in range(3, 8)]
     assert len(rb.coverage(trajs, "connect-kinf", [0, 1])) == 10
-    assert len(rb.coverage(trajs, "connect", [0, 1])) == 5  # the gradient method needs draw 1 too
-    summary = _summary(trajs, draws=(0, 1))
-    rule = rb.choose_default(summary, ["connect", "connect-kinf"], "connect")
-    assert rule["qualified"] == ["connect-kinf"] and rule["choice"] == "connect"  # the default lacks draw 1
+    assert len(rb.coverage(trajs, grad, [0, 1])) == 5  # the gradient method needs draw 1 too
+    summary = _summary(trajs, draws=(0, 1), current=grad)
+    rule = rb.choose_default(summary, [grad, "connect-kinf"], grad)
+    assert rule["qualified"] == ["connect-kinf"] and rule["choice"] == grad  # the default lacks draw 1
 
 
 def test_parse_spec_checks_method_and_variants():
@@ -216,7 +217,8 @@ def test_summarize_writes_the_worst_case_table(tmp_path):
     assert "| l1 | 1 (1 × 1; 2/10) | 0 | 1 |" in md and "**41.7** (s3-d0)" in md
     assert "- l1 at 16x, s3-d0: last stage's residual stream at 3 <= 4" in md
     saved = json.load(open(os.path.join(out, "summary.json")))
-    assert saved["methods"]["connect"]["16"]["collapsed"] == 1  # 41.7 % after fine-tuning at 16x
+    # plain `connect` in a file that does not record its settings ran the default of its time
+    assert saved["methods"][rb.LEGACY_DEFAULT]["16"]["collapsed"] == 1  # 41.7 % after fine-tuning at 16x
     assert math.isclose(saved["methods"]["l1"]["8"]["acc_ft"]["mean"], 85.0)
 
 
@@ -229,7 +231,7 @@ def test_scoring_variants_refuse_options_that_make_no_sense():
     with pytest.raises(ValueError, match="balance_schedule='every_step'"):
         rb.build("connect-k0+held", example, 0)
     with pytest.raises(ValueError, match="bn_flow='gamma'"):
-        rb.build("connect+guard", example, 0)
+        rb.build("connect-k100-bngamma+guard", example, 0)
     with pytest.raises(ValueError, match="not a connect method"):
         rb.build("l2+protect", example, 0)
     imp, options = rb.build("connect-k100+gos+refresh", example, 0)
@@ -351,12 +353,12 @@ def test_ranking_folders_are_read_as_draw_0_of_their_base_under_this_benchmarks_
     folders = [_ranking_folder(tmp_path, 0, "connect-k100-bngamma"), _ranking_folder(tmp_path, 0, "l1", stream16=3)]
     trajs, bases = rb.read_ranking(folders)
     by = {r["method"]: r for r in trajs}
-    assert set(by) == {"connect", "l1"} and [b["seed"] for b in bases] == [0]
+    assert set(by) == {"connect-k100-bngamma", "l1"} and [b["seed"] for b in bases] == [0]
     assert by["l1"]["draw"] == 0 and by["l1"]["finetuned_acc"] == {"8": 86.0, "16": 41.7}
     assert by["l1"]["snapshots"]["16"]["acc_bn"] == 12.0 and by["l1"]["protocol"] == rb.PROTOCOL
-    md = rb.summarize([], str(tmp_path / "out"), seeds=[0], draws=[0], ranking=folders)
+    md = rb.summarize([], str(tmp_path / "out"), seeds=[0], draws=[0], ranking=folders, current="connect-k100-bngamma")
     assert "- l1 at 16x, s0-d0: last stage's residual stream at 3 <= 4" in md
-    assert "**connect** (the current default is best)" in md
+    assert "**connect-k100-bngamma** (the current default is best)" in md
 
 
 def test_ranking_folders_of_another_schedule_or_preset_are_refused(tmp_path):
@@ -387,3 +389,22 @@ def test_adopt_copies_a_ranking_base_s_best_epoch_and_refuses_a_second_copy(tmp_
     _touch(str(tmp_path / "other" / "base.json"), {"preset": "offline", "model": "resnet20", "seed": 2})
     with pytest.raises(SystemExit, match="not a ranking-benchmark run folder"):
         rb.adopt_ranking_base(root, str(tmp_path / "other"))
+
+
+@pytest.mark.parametrize("spec, settings, expected", [
+    ("connect", None, "connect-k100-bngamma"),                       # older files: the default of their time
+    ("connect", {"balance": math.inf, "bn_flow": "scale"}, "connect-kinf-bnscale"),
+    ("connect", {"balance": 30.0, "bn_flow": "stats"}, "connect-k30"),  # stats is what a bare name means
+    ("connect+gos", None, "connect-k100-bnscale"),
+    ("connect-kinf+gos", None, "connect-kinf-bnscale"),
+    ("connect+protect", None, "connect-k100-bngamma+protect"),
+    ("connect-kinf-bngamma+protect", None, "connect-kinf-bngamma+protect"),
+    ("l1", None, "l1"),
+])
+def test_a_trajectory_is_named_by_what_it_ran_not_by_when(spec, settings, expected):
+    assert rb.method_name({"method": spec, "connect_settings": settings}) == expected
+
+
+def test_a_ranking_folder_of_plain_connect_is_refused(tmp_path):
+    with pytest.raises(SystemExit, match="plain `connect`"):
+        rb.read_ranking([_ranking_folder(tmp_path, 0, "connect")])
