@@ -4,12 +4,12 @@
 
     python -m benchmarks.headline            # prints the Markdown table README.md shows
 
-For the default ``ConnectImportance()``, connectivity alone (kappa = inf), Taylor, L1, L2, LAMP and
-Torch-Pruning's random criterion it gives the test accuracy after one fine-tuning epoch at 8x and 16x
-fewer MACs: the mean over seeds and the worst seed, once for the ranking benchmark's protocol
-(``benchmarks/results/ranking``: a constant learning rate) and once for the same pruned models
-fine-tuned with the rate decayed to 0 within the epoch (``benchmarks/results/ranking-cosine``; not run
-for LAMP and random). The conditions line under the table (seeds, threads, cores, load, versions) is
+For the default ``ConnectImportance()``, version 0.2.0's default, connectivity alone (kappa = inf),
+Taylor, L1, L2, LAMP and Torch-Pruning's random criterion it gives the test accuracy after one
+fine-tuning epoch at 8x and 16x fewer MACs: the mean over seeds and the worst seed, once with the
+ranking benchmark's constant learning rate (``benchmarks/results/ranking``) and once with the rate
+decayed to 0 within the epoch (``benchmarks/results/ranking-cosine``), on the same base models.
+The conditions line under the table (seeds, threads, cores, load, versions) is
 read from the ``environment`` each result file recorded. ``tests/test_readme.py`` checks that README.md
 shows exactly this output, so the table cannot drift from the files.
 """
@@ -29,8 +29,9 @@ COSINE = os.path.join("benchmarks", "results", "ranking-cosine")
 TARGETS = (8.0, 16.0)
 
 ROWS: Tuple[Tuple[str, str], ...] = (
-    ("connect-k100-bngamma", "**CoNNect, default** (κ = 100, `bn_flow=\"gamma\"`)"),
-    ("connect-kinf", "CoNNect, connectivity alone (κ = ∞, `bn_flow=\"stats\"`)"),
+    ("connect-k100-bnscale", "**CoNNect, default** (κ = 100, `bn_flow=\"scale\"`)"),
+    ("connect-k100-bngamma", "CoNNect, version 0.2.0's default (κ = 100, `bn_flow=\"gamma\"`)"),
+    ("connect-kinf-bnscale", "CoNNect, connectivity alone (κ = ∞, `bn_flow=\"scale\"`)"),
     ("taylor", "Taylor (`GroupTaylorImportance`)"),
     ("l1", "L1 (`GroupMagnitudeImportance(p=1)`)"),
     ("l2", "L2 (`GroupMagnitudeImportance(p=2)`)"),

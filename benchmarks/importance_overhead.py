@@ -89,7 +89,7 @@ def plain_torch_floor(n_samples: int, device: str, repeats: int) -> dict:
 
     With the mean-input shortcut a step needs (a) one forward of the ``n_samples`` random inputs
     without gradients (the affine check), unless :func:`connect_tp.engine.affine_by_signs` proves
-    the flow affine from the graph (ResNet-56 with the default ``bn_flow="gamma"``), and (b) one
+    the flow affine from the graph (ResNet-56 with the default ``bn_flow``), and (b) one
     forward and backward of their mean, both with ``|W|``. Here they run as ``torch.func.functional_call`` on ResNet-56 with ``|W|``: no scaled
     values, no per-node rules, no overflow guard. Taylor's step plus (a) and (b) is the time a
     zero-overhead implementation of the same estimator would take, so ``floor / taylor`` bounds the

@@ -476,6 +476,21 @@ def finetune(root: str, spec: str, seed: int, draw: int, protocol: Dict[str, Any
 
 
 # ------------------------------------------------------------------------------------------ driver
+def _check_same_default(path: str, spec: str) -> None:
+    """Refuse to continue a plain ``connect`` trajectory that ran under another library default.
+
+    Raises:
+        SystemExit: ``path`` exists and ran ``ConnectImportance()`` with other settings than today's.
+    """
+    if spec.split("+")[0] != "connect" or not os.path.exists(path):
+        return
+    then = method_name(_read_json(path))
+    now = method_name({"method": spec, "connect_settings": _default_settings()})
+    if then != now:
+        raise SystemExit(f"error: {path} ran plain `connect` as {then}, but ConnectImportance() is now {now}; "
+                         f"use another --root, or name the method by its settings (e.g. {now})")
+
+
 def plan(root: str, seeds: Sequence[int], draws: Sequence[int], methods: Sequence[str],
          finetune_methods: Sequence[str]) -> List[Dict[str, Any]]:
     """Jobs not yet done, in order: base models, then the trajectories draw by draw (every method on
@@ -492,6 +507,7 @@ def plan(root: str, seeds: Sequence[int], draws: Sequence[int], methods: Sequenc
         for spec in methods:
             for s in seeds:
                 args = ["--seed", str(s), "--draw", str(d), "--method", spec]
+                _check_same_default(traj_path(root, spec, s, d), spec)
                 tuned = spec in finetune_methods
                 done = traj_path(root, spec, s, d, "finetune" if tuned else "prune")
                 if os.path.exists(done):
@@ -863,8 +879,11 @@ def summarize(roots: Sequence[str], output: str, candidates: Optional[Sequence[s
         bases = sorted({b["seed"]: b for b in more_bases + bases}.values(), key=lambda b: b["seed"])
     if not trajs:
         raise SystemExit(f"error: no trajectories under {list(roots)}")
-    methods = sorted({r["method"] for r in trajs}, key=lambda m: (DEFAULT_METHODS.index(m)
-                                                                  if m in DEFAULT_METHODS else 99, m))
+    current = current or library_default_name()
+    # the default the rule may replace first, then the other CoNNect rows, then the built-ins
+    order = [current] + [method_name({"method": m}) for m in DEFAULT_METHODS]
+    methods = sorted({r["method"] for r in trajs}, key=lambda m: (
+        order.index(m) if m in order else 50 if m.startswith("connect") else 99, m))
     summary: Dict[str, Any] = {"definitions": {"stream_min": STREAM_MIN, "conv_min": CONV_MIN,
                                                "finetuned_16x_min": FINETUNED_16X_MIN},
                                "protocol": trajs[0]["protocol"], "bases": [{k: b[k] for k in ("seed", "acc", "seconds")}
@@ -880,7 +899,6 @@ def summarize(roots: Sequence[str], output: str, candidates: Optional[Sequence[s
         summary["methods"][m]["covered"] = len([p for p in covered if p[0] in seeds and p[1] in draws])
     summary["trajectories"] = [_row(r) for r in sorted(trajs, key=lambda r: (methods.index(r["method"]),
                                                                               r["seed"], r["draw"]))]
-    current = current or library_default_name()
     summary["current_default"] = current
     connect = [m for m in methods if m.startswith("connect")]
     for metric in ("acc_bn", "acc_ft"):

@@ -66,4 +66,4 @@ __all__ = [
     "llm",
     "models",
 ]
-__version__ = "0.2.0"
+__version__ = "0.3.0"

@@ -53,13 +53,15 @@ __all__ = ["BALANCE_SCHEDULES", "ConnectImportance", "DEFAULT_BALANCE", "DEFAULT
 #: every step. For language models the tiny-LLaMA grid prefers kappa <= 10 (docs/llm.md).
 DEFAULT_BALANCE = 100.0
 
-#: Default treatment of BatchNorm in phi_tot (:data:`connect_tp.connectivity.BN_FLOWS`), chosen by
-#: the same benchmark's rule among the three treatments at kappa = 100 over seeds 0-2
-#: (docs/benchmarks.md, "BatchNorm in phi_tot"): ``"gamma"`` (BatchNorm as ``|gamma| x``, a pure path
-#: sum) scores 82.5 against ``"stats"`` 81.8 and ``"identity"`` 78.5; gamma and stats are tied within
-#: the spread over seeds, gamma keeps more accuracy before fine-tuning (2x with BatchNorm
-#: re-estimated: +6.6 ± 5.9) and does not inflate channels with a tiny running variance.
-DEFAULT_BN_FLOW = "gamma"
+#: Default treatment of BatchNorm in phi_tot (:data:`connect_tp.connectivity.BN_FLOWS`): its linear
+#: scale ``|gamma| / sqrt(running_var + eps)`` without the shift. Version 0.2.0 used ``"gamma"``
+#: (``|gamma| x``), which ignores the division by sigma: on base models the benchmark had not seen it
+#: emptied the last stage at 16x (one convolution left with 1 channel, on 1 of 3 bases; connectivity
+#: alone with ``"gamma"`` on 2 of 5). ``"scale"`` ranks channels almost exactly as ``"stats"`` does on
+#: ReLU networks while staying a pure path sum (no shift to cancel the flow, no sample pass), and at
+#: kappa = 100 it left no collapsed trajectory on any base and calibration draw it ran on
+#: (docs/benchmarks.md, "The default, by the rule").
+DEFAULT_BN_FLOW = "scale"
 
 #: When a finite balance sets lambda: once, at the first step (``"frozen"``, the default), or at
 #: every pruning step from the model as it is then (``"every_step"``).

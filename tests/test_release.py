@@ -33,7 +33,7 @@ def _requirement(name):
 def test_version_has_one_source():
     import connect_tp
     assert _setup_cfg()["metadata"]["version"].strip() == "attr: connect_tp.__version__"
-    assert Version(connect_tp.__version__) == Version("0.2.0")
+    assert Version(connect_tp.__version__) == Version("0.3.0")
 
 
 def test_changelog_opens_with_this_version():

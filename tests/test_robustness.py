@@ -408,3 +408,15 @@ def test_a_trajectory_is_named_by_what_it_ran_not_by_when(spec, settings, expect
 def test_a_ranking_folder_of_plain_connect_is_refused(tmp_path):
     with pytest.raises(SystemExit, match="plain `connect`"):
         rb.read_ranking([_ranking_folder(tmp_path, 0, "connect")])
+
+
+def test_plan_refuses_a_plain_connect_trajectory_of_another_default(tmp_path, monkeypatch):
+    from connect_tp import importance
+
+    root = str(tmp_path)
+    _touch(rb.traj_path(root, "connect", 3, 0), _traj("connect", 3, 0))  # no settings: 0.2.0's default
+    monkeypatch.setattr(importance, "DEFAULT_BN_FLOW", "gamma")
+    assert [j["label"] for j in rb.plan(root, [3], [0], ["connect"], [])] == ["base/s3"]  # done, continued
+    monkeypatch.setattr(importance, "DEFAULT_BN_FLOW", "scale")
+    with pytest.raises(SystemExit, match="ran plain `connect` as connect-k100-bngamma, but ConnectImportance"):
+        rb.plan(root, [3], [0], ["connect"], [])

@@ -244,8 +244,8 @@ def _connect_defaults(method: str, lam: Optional[float]) -> Dict[str, Any]:
     (:func:`connect_tp.methods.connect_options`), so only plain ``connect`` records the
     default treatment; a name without a strength (plain, or ``connect-bn<flow>``) and without
     ``--connect-lam`` records the default balance. Both defaults changed before version 0.2.0 (balance inf ->
-    100, BatchNorm "stats" -> "gamma"): a folder pruned under the old ones is refused (``--force``
-    redoes it), not reused.
+    100, BatchNorm "stats" -> "gamma") and the BatchNorm one again in 0.3.0 ("gamma" -> "scale"): a
+    folder pruned under older ones is refused (``--force`` redoes it), not reused.
     """
     criterion, options = parse_method(method)
     if criterion != "connect":
