@@ -265,10 +265,20 @@ def _wait_for_line(proc, text):
     return seen
 
 
+def _as_from_a_shell():
+    """In the child before exec: SIGINT at its default and unblocked, so Python installs its handler."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGINT])
+
+
 def test_ctrl_c_of_a_real_training(tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "connect_tp.cli", "train"] + COMMON + ["--out", str(out), "--epochs", "40"]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # What the test process inherited (an ignored or blocked SIGINT, left by a library or another test's
+    # thread) would pass to the child and decide whether Ctrl-C reaches it: start it as a shell would.
+    inherited = (signal.getsignal(signal.SIGINT), signal.pthread_sigmask(signal.SIG_BLOCK, []))
+    proc = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_as_from_a_shell)
     try:
         # The epoch line is printed after the checkpoint is saved and recorded: interrupting from then on
         # must report a resumable checkpoint, however slowly the machine got there.
@@ -280,7 +290,7 @@ def test_ctrl_c_of_a_real_training(tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    assert proc.returncode == 130, stderr[-2000:]
+    assert proc.returncode == 130, (inherited, stderr[-2000:])
     assert "interrupted" in stderr and "of 40 epochs saved (resumable)" in stderr and "Traceback" not in stderr
     assert _last_line(stderr) == f"to continue: connect-tp train --preset smoke --threads 1 --out {out} --epochs 40 --resume"
     assert not (out / LOCK_NAME).exists()
