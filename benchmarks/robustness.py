@@ -866,7 +866,8 @@ def paired(trajs: Sequence[Dict[str, Any]], a: str, b: str, metric: str) -> List
 def summarize(roots: Sequence[str], output: str, candidates: Optional[Sequence[str]] = None,
               seeds: Sequence[int] = (3, 4, 5, 6, 7), draws: Sequence[int] = (0, 1),
               ranking: Sequence[str] = (), first_wins: bool = False, current: Optional[str] = None) -> str:
-    """Write ``summary.json`` and ``table.md`` under ``output``; returns the markdown.
+    """Write ``summary.json``, ``table.md`` and README's table (``front_page.md``) under ``output``;
+    returns ``table.md``'s markdown.
 
     ``seeds`` and ``draws`` are the benchmark's (base, draw) pairs, which the rule needs covered;
     ``ranking`` adds ranking-benchmark run folders (:func:`read_ranking`) after ``roots``;
@@ -920,6 +921,8 @@ def summarize(roots: Sequence[str], output: str, candidates: Optional[Sequence[s
     _write_json(os.path.join(output, "summary.json"), summary)
     with open(os.path.join(output, "table.md"), "w") as f:
         f.write(md)
+    with open(os.path.join(output, "front_page.md"), "w") as f:
+        f.write(front_page_table(summary))
     return md
 
 
@@ -939,6 +942,45 @@ def _row(r: Dict[str, Any]) -> Dict[str, Any]:
                         last_stage_min=min(v[1] for k, v in snap["channels"].items() if k.startswith(last)))
         row[key] = cell
     return row
+
+
+FRONT_PAGE_ROWS = [
+    ("connect-k100-bnscale", '**CoNNect, default** (κ = 100, `bn_flow="scale"`)'),
+    ("connect-kinf-bnscale", 'CoNNect, connectivity alone (κ = ∞, `"scale"`)'),
+    ("connect-k100-bngamma", 'CoNNect, version 0.2.0\'s default (κ = 100, `"gamma"`)'),
+    ("l1", "L1"), ("l2", "L2"), ("lamp", "LAMP"), ("random", "random (`RandomImportance`)"),
+    ("uniform", "uniform random scores"), ("taylor", "Taylor"),
+]
+"""README's robustness table: (method name, label), the library's default first."""
+
+
+def _ranges(values: Sequence[int]) -> str:
+    """``[0, 1, 2, 8, 9]`` -> ``"0-2, 8-9"``."""
+    runs: List[List[int]] = []
+    for v in sorted(values):
+        if runs and v == runs[-1][-1] + 1:
+            runs[-1].append(v)
+        else:
+            runs.append([v])
+    return ", ".join(str(r[0]) if len(r) == 1 else f"{r[0]}-{r[-1]}" for r in runs)
+
+
+def front_page_table(summary: Dict[str, Any]) -> str:
+    """README's table: per criterion of :data:`FRONT_PAGE_ROWS`, its fine-tuned trajectories (and the
+    bases they ran on), the 16x collapses, and the mean ± std beside the worst at 8x and 16x."""
+    lines = ["| method | fine-tuned trajectories (bases) | collapsed at 16x | 8x: mean ± std | 8x: worst "
+             "| 16x: mean ± std | 16x: worst |", "|---|---|---|---|---|---|---|"]
+    for method, label in FRONT_PAGE_ROWS:
+        per = summary["methods"].get(method)
+        if per is None:
+            continue
+        a, b = per["8"]["acc_ft"], per["16"]["acc_ft"]
+        pruned = per["16"]["trajectories"]
+        count = f"{b['n']}" if b["n"] == pruned else f"{b['n']} of {pruned} pruned"
+        cells = [f"{s['mean']:.1f} ± {s['std']:.1f} | {s['worst']:.1f}" if s["n"] else "– | –" for s in (a, b)]
+        lines.append(f"| {label} | {count} ({_ranges(per['seeds'])}) | {per['16']['collapsed']} | "
+                     f"{cells[0]} | {cells[1]} |")
+    return "\n".join(lines) + "\n"
 
 
 def _cell(stat: Dict[str, Any]) -> str:

@@ -10,7 +10,8 @@ within one unit of the last digit shown (so a rounding flip on another CPU does 
 The rest checks what a block cannot run: the two commands at the top name things that exist (the
 pinned torch of ``.ci/run``, the ``connect-tp`` entry point, the ``offline`` preset, the ``test``
 extra, Debian's Fashion-MNIST folder); the results table equals what ``python -m benchmarks.headline``
-computes from the committed result files; README stays a front page (at most 200 lines); every link
+computes from the committed result files, and the robustness table what the committed robustness
+summary gives; README stays a front page (at most 200 lines); every link
 of README.md, CHANGELOG.md and docs/*.md into the repository names a file, and a heading there when
 it has an anchor; and no page or code comment speaks in the project's internal bookkeeping (stop,
 issue or item numbers) instead of saying what was done.
@@ -219,6 +220,23 @@ def test_results_table_is_computed_from_the_result_files():
     assert m, "README.md lost the markers around its results table"
     assert m.group(1) == headline.table(), (
         "README's results table differs from `python -m benchmarks.headline`: paste that output between the markers")
+
+
+def test_robustness_table_is_computed_from_the_summary():
+    import json
+
+    from benchmarks import robustness
+
+    folder = os.path.join(REPO, "benchmarks", "results", "robustness", "all-summary")
+    with open(os.path.join(folder, "summary.json"), encoding="utf-8") as f:
+        expected = robustness.front_page_table(json.load(f))
+    with open(os.path.join(folder, "front_page.md"), encoding="utf-8") as f:
+        assert f.read() == expected, "all-summary/front_page.md is older than its summary.json: summarize again"
+    m = re.search(r"<!-- robustness table: .*? -->\n(.*?)<!-- /robustness table -->", _readme(), re.DOTALL)
+    assert m, "README.md lost the markers around its robustness table"
+    assert m.group(1) == expected, (
+        "README's robustness table differs from all-summary/front_page.md: paste that file between the markers")
+    assert robustness.FRONT_PAGE_ROWS[0][0] == robustness.library_default_name()
 
 
 def test_headline_rows_start_with_the_library_default():

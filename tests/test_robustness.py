@@ -220,6 +220,22 @@ def test_summarize_writes_the_worst_case_table(tmp_path):
     # plain `connect` in a file that does not record its settings ran the default of its time
     assert saved["methods"][rb.LEGACY_DEFAULT]["16"]["collapsed"] == 1  # 41.7 % after fine-tuning at 16x
     assert math.isclose(saved["methods"]["l1"]["8"]["acc_ft"]["mean"], 85.0)
+    front = open(os.path.join(out, "front_page.md")).read()
+    assert front == rb.front_page_table(saved)
+    # README's rows in their order, the worst beside the mean; methods without trajectories are left out
+    assert [line.split(" | ")[0] for line in front.splitlines()[2:]] == [
+        "| " + dict(rb.FRONT_PAGE_ROWS)[rb.LEGACY_DEFAULT], "| L1"]
+    assert front.splitlines()[-1] == "| L1 | 1 (3) | 1 | 85.0 ± 0.0 | 85.0 | 41.7 ± 0.0 | 41.7 |"
+
+
+def test_front_page_table_names_bases_as_ranges_and_counts_unfinetuned_trajectories():
+    assert rb._ranges([8, 0, 2, 1, 5, 6]) == "0-2, 5-6, 8" and rb._ranges([3]) == "3"
+    stat = {"n": 2, "mean": 80.0, "std": 1.0, "worst": 79.0}
+    none = {"n": 0}
+    per = {"seeds": [0, 1, 2], "8": {"acc_ft": stat}, "16": {"acc_ft": stat, "trajectories": 3, "collapsed": 1}}
+    lines = rb.front_page_table({"methods": {"l2": per, "taylor": {**per, "8": {"acc_ft": none}}}}).splitlines()
+    assert lines[2] == "| L2 | 2 of 3 pruned (0-2) | 1 | 80.0 ± 1.0 | 79.0 | 80.0 ± 1.0 | 79.0 |"
+    assert lines[3].startswith("| Taylor | 2 of 3 pruned (0-2) | 1 | – | – | 80.0")
 
 
 def test_scoring_variants_refuse_options_that_make_no_sense():
